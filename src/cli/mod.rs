@@ -1,0 +1,3 @@
+//! Subcommands of the `spillway` binary.
+
+pub mod check;

@@ -1,0 +1,1 @@
+//! Humane durations and sizes.

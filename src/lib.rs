@@ -1,0 +1,13 @@
+//! spillway: a sidecar reliability proxy for flaky downstream HTTP APIs.
+#![forbid(unsafe_code)]
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::todo,
+    clippy::dbg_macro
+)]
+
+pub mod cli;
+pub mod config;
+pub mod queue;
