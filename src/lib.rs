@@ -8,6 +8,12 @@
     clippy::dbg_macro
 )]
 
+pub mod admin;
+pub mod app;
+pub mod backoff;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod proxy;
 pub mod queue;
+pub mod telemetry;

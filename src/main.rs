@@ -13,6 +13,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy and admin listeners.
+    Run {
+        /// The YAML config file.
+        #[arg(short, long, env = "SPILLWAY_CONFIG")]
+        config: PathBuf,
+    },
     /// Validate a config file without starting anything; prints `ok` and the routes.
     Check {
         /// The YAML config file.
@@ -21,9 +27,62 @@ enum Command {
     },
 }
 
+/// Exit codes: 0 clean exit, 1 bad config, 2 startup failure.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => spillway::cli::check::run(&config),
+        Command::Run { config } => run(&config),
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match spillway::config::load(path) {
+        Ok(c) => c,
+        Err(errs) => {
+            eprintln!("{errs}");
+            return ExitCode::from(1);
+        }
+    };
+    spillway::telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async move {
+        let app = match spillway::app::App::build(config).await {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::error!(error = %e, "startup failed");
+                eprintln!("spillway: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received; draining");
+        app.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops spillway");
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -1,0 +1,144 @@
+//! `App::build` binds every listener (port 0 allowed), reports what it bound, and runs
+//! until told to stop; `shutdown` drains within `shutdown_grace`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Readiness};
+use crate::client::HttpClient;
+use crate::config::Config;
+use crate::proxy::{server, Proxy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {addr} ({name}): {source}")]
+    Bind {
+        name: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot set up TLS for upstreams: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("the admin listener {addr} is reachable beyond loopback, so the token variable {var} must be set and non-empty")]
+    AdminToken { addr: SocketAddr, var: String },
+    #[error("storage backend `nats` is not available in this build; use `redb`")]
+    BackendUnavailable,
+}
+
+pub struct App {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    ready: Readiness,
+    stop: CancellationToken,
+    proxy_task: JoinHandle<hyper_util::server::graceful::GracefulShutdown>,
+    admin_task: JoinHandle<()>,
+    grace: Duration,
+}
+
+/// One machine-readable line per bound listener on stdout, so tests and scripts learn
+/// the real port when the config says `:0`.
+fn report(name: &str, addr: SocketAddr) {
+    println!(
+        "{}",
+        serde_json::json!({ "event": "listening", "name": name, "addr": addr.to_string() })
+    );
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App, AppError> {
+        if !config.admin.listen.ip().is_loopback() {
+            let var = config.admin.token_env.clone().unwrap_or_default();
+            if std::env::var(&var).map_or(true, |v| v.is_empty()) {
+                return Err(AppError::AdminToken {
+                    addr: config.admin.listen,
+                    var,
+                });
+            }
+        }
+        if config.storage.backend == crate::config::StorageBackend::Nats {
+            return Err(AppError::BackendUnavailable);
+        }
+        let client = HttpClient::new()?;
+        let proxy = Arc::new(Proxy::new(&config, client));
+
+        let bind = |name: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Bind { name, addr, source })
+        };
+        let proxy_listener = bind("proxy", config.listen).await?;
+        let admin_listener = bind("admin", config.admin.listen).await?;
+        let proxy_addr = proxy_listener
+            .local_addr()
+            .map_err(|source| AppError::Bind {
+                name: "proxy",
+                addr: config.listen,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| AppError::Bind {
+                name: "admin",
+                addr: config.admin.listen,
+                source,
+            })?;
+
+        let stop = CancellationToken::new();
+        let ready = Readiness::default();
+        let proxy_task = tokio::spawn(server::serve(
+            proxy_listener,
+            proxy.clone(),
+            config.limits.clone(),
+            stop.clone(),
+        ));
+        let admin_stop = stop.clone();
+        let router = admin::router(ready.clone());
+        let admin_task = tokio::spawn(async move {
+            let serve = axum::serve(admin_listener, router)
+                .with_graceful_shutdown(async move { admin_stop.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+
+        report("proxy", proxy_addr);
+        report("admin", admin_addr);
+        tracing::info!(%proxy_addr, %admin_addr, routes = ?proxy.route_names(), "spillway started");
+        ready.set(true);
+        Ok(App {
+            proxy_addr,
+            admin_addr,
+            ready,
+            stop,
+            proxy_task,
+            admin_task,
+            grace: config.shutdown_grace,
+        })
+    }
+
+    /// Stops accepting, reports not ready, lets in-flight requests finish within the
+    /// grace period. Returns whether everything finished in time.
+    pub async fn shutdown(self) -> bool {
+        self.ready.set(false);
+        self.stop.cancel();
+        let graceful = match self.proxy_task.await {
+            Ok(g) => g,
+            Err(_) => return false,
+        };
+        let drained = tokio::time::timeout(self.grace, graceful.shutdown())
+            .await
+            .is_ok();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.admin_task).await;
+        if drained {
+            tracing::info!("drained; exiting");
+        } else {
+            tracing::warn!(grace = ?self.grace, "shutdown grace ran out with requests in flight");
+        }
+        drained
+    }
+}

@@ -1,0 +1,259 @@
+//! The app-facing proxy: normalise the target, pick a route, buffer the body under the
+//! limits, then hand the request to the route's stack; every refusal goes through
+//! `rescue`. The data flow is drawn in `lib.rs`.
+
+pub mod headers;
+pub mod passthrough;
+pub mod rescue;
+pub mod route;
+pub mod server;
+pub mod stack;
+pub mod target;
+pub mod tunnel;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::client::HttpClient;
+use crate::config::{Config, RouteConfig, Unmatched};
+use passthrough::{Attempts, BoxHttp};
+use rescue::ProxyError;
+use route::RouteTable;
+use target::{Target, TargetError};
+
+/// The body type of every response the proxy writes.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, tower::BoxError>;
+
+/// What a matched route does with a request.
+#[derive(Clone)]
+pub enum Handler {
+    Passthrough(BoxHttp),
+    /// Durable deferral is built with the queue; until then such routes say so.
+    Deferred,
+}
+
+/// Everything the request path shares, built once from a [`Config`].
+pub struct Proxy {
+    routes: RouteTable<Handler>,
+    unmatched: Option<BoxHttp>,
+    limits: crate::config::Limits,
+    tunnels: Arc<tokio::sync::Semaphore>,
+}
+
+impl Proxy {
+    pub fn new(config: &Config, client: HttpClient) -> Self {
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let h = if r.deferrable {
+                    Handler::Deferred
+                } else {
+                    Handler::Passthrough(passthrough::mk_passthrough(r, client.clone()))
+                };
+                (r.clone(), h)
+            })
+            .collect();
+        let unmatched = (config.unmatched == Unmatched::Passthrough)
+            .then(|| passthrough::mk_unmatched(Duration::from_secs(30), client.clone()));
+        Proxy {
+            routes: RouteTable::new(routes),
+            unmatched,
+            limits: config.limits.clone(),
+            tunnels: Arc::new(tokio::sync::Semaphore::new(config.limits.max_tunnels)),
+        }
+    }
+
+    /// Serves one request; never fails (errors become responses here).
+    pub async fn serve(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let request_id = request_id(&mut req);
+        let attempts = Attempts::default();
+        let mut route_name = "-".to_owned();
+        let mut path = String::new();
+
+        let result = self
+            .handle(req, &attempts, &mut route_name, &mut path)
+            .await;
+        let mut rsp = result.unwrap_or_else(ProxyError::into_response);
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            rsp.headers_mut().insert("x-request-id", v);
+        }
+        // Secrets (Authorization, Cookie, query strings) never reach the log.
+        tracing::info!(
+            target: "spillway::access",
+            route = %route_name,
+            method = %method,
+            path = %path,
+            status = rsp.status().as_u16(),
+            attempts = attempts.get(),
+            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+            request_id = %request_id,
+            "request"
+        );
+        rsp
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        attempts: &Attempts,
+        route_name: &mut String,
+        log_path: &mut String,
+    ) -> Result<Response<Body>, ProxyError> {
+        let target = target::normalise(&req).map_err(|e| match e {
+            TargetError::HostMismatch { .. } => ProxyError::HostMismatch(e.to_string()),
+            TargetError::Invalid(m) => ProxyError::BadRequest(m.to_owned()),
+        })?;
+        log_path.push_str(target.path());
+
+        if headers::header_bytes(req.headers()) > self.limits.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge {
+                limit: self.limits.max_header_bytes,
+            });
+        }
+
+        if target.connect {
+            let port = target.port.unwrap_or(443);
+            let (route, _) = self
+                .routes
+                .find_connect(&target.host, port)
+                .ok_or_else(|| ProxyError::NoRoute(format!("CONNECT {}", target.authority())))?;
+            route_name.clone_from(&route.name);
+            return tunnel::connect(req, &target, &self.tunnels, &self.limits).await;
+        }
+
+        let found = self.routes.find(&target, req.method());
+        let (route, handler) = match found {
+            Some((route, handler)) => (Some(route), handler.clone()),
+            None => match &self.unmatched {
+                Some(svc) if !target.host.is_empty() => (None, Handler::Passthrough(svc.clone())),
+                _ => {
+                    return Err(ProxyError::NoRoute(format!(
+                        "{} {}{}",
+                        req.method(),
+                        target.authority(),
+                        target.path()
+                    )))
+                }
+            },
+        };
+        if let Some(r) = route {
+            route_name.clone_from(&r.name);
+        } else {
+            route_name.push_str("unmatched");
+        }
+
+        let Handler::Passthrough(svc) = handler else {
+            return Err(ProxyError::NotImplemented(
+                "deferrable routes need the durable queue, which this build does not have yet",
+            ));
+        };
+
+        let mut upstream_req = self.buffer(req).await?;
+        rewrite(&mut upstream_req, route.map(|r| &**r), &target)?;
+        upstream_req.extensions_mut().insert(attempts.clone());
+
+        let mut svc = svc;
+        use tower::{Service, ServiceExt};
+        let mut rsp = svc.ready().await?.call(upstream_req).await?;
+        headers::strip_hop_by_hop(rsp.headers_mut());
+        Ok(rsp)
+    }
+
+    /// Reads the whole body under `max_body_bytes` and the body deadline, so that a
+    /// request is refused before any byte of it reaches an upstream.
+    async fn buffer(&self, req: Request<Incoming>) -> Result<Request<Bytes>, ProxyError> {
+        let limit = self.limits.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        let (parts, body) = req.into_parts();
+        let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+        let deadline = self.limits.body_read_timeout;
+        let collected = tokio::time::timeout(deadline, limited.collect())
+            .await
+            .map_err(|_| ProxyError::BodyTimeout(deadline))?
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ProxyError::BodyTooLarge { limit }
+                } else {
+                    ProxyError::BadRequest(format!("the request body could not be read: {e}"))
+                }
+            })?;
+        Ok(Request::from_parts(parts, collected.to_bytes()))
+    }
+
+    /// Routes a list of names and modes, for logs at startup.
+    pub fn route_names(&self) -> Vec<String> {
+        self.routes.iter().map(|(r, _)| r.name.clone()).collect()
+    }
+}
+
+/// Points the request at its upstream: absolute URI, `Host` = the upstream's authority,
+/// hop-by-hop headers gone.
+fn rewrite(
+    req: &mut Request<Bytes>,
+    route: Option<&RouteConfig>,
+    target: &Target,
+) -> Result<(), ProxyError> {
+    headers::strip_hop_by_hop(req.headers_mut());
+    let (uri, host) = match route {
+        Some(r) => {
+            let up = &r.upstream;
+            let uri = format!(
+                "{}://{}{}{}",
+                up.scheme.as_str(),
+                up.authority,
+                up.base_path,
+                target.path_and_query
+            );
+            (uri, up.authority.to_string())
+        }
+        None => {
+            let auth = target.authority();
+            (format!("http://{auth}{}", target.path_and_query), auth)
+        }
+    };
+    *req.uri_mut() = uri
+        .parse::<Uri>()
+        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded".into()))?;
+    let host = HeaderValue::from_str(&host)
+        .map_err(|_| ProxyError::BadRequest("the upstream host is not a valid header".into()))?;
+    req.headers_mut().insert(header::HOST, host);
+    // The upstream speaks whatever version the pool negotiates.
+    *req.version_mut() = http::Version::HTTP_11;
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT cannot be forwarded".into()));
+    }
+    Ok(())
+}
+
+/// The client's `X-Request-Id`, or a new one, set on the request so it travels upstream.
+fn request_id<B>(req: &mut Request<B>) -> String {
+    if let Some(id) = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+    {
+        return id.to_owned();
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        req.headers_mut().insert("x-request-id", v);
+    }
+    id
+}

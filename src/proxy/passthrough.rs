@@ -1,0 +1,424 @@
+//! The per-route passthrough stack: rate limit, circuit breaker, retries with a budget,
+//! per-attempt timeout, then the pooled client. Each layer is a plain tower service
+//! over `Request<Bytes>` (bodies are buffered before routing, so attempts can replay).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use governor::clock::{Clock, DefaultClock};
+use governor::{Quota, RateLimiter};
+use http::{Method, Request, Response};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::util::{option_layer, BoxCloneSyncService};
+use tower::{Layer, Service, ServiceExt};
+
+use super::rescue::ProxyError;
+use super::stack::Stack;
+use super::Body;
+use crate::backoff;
+use crate::client::HttpClient;
+use crate::config::{BreakerConfig, RateLimit as RateLimitConfig, RouteConfig};
+
+type BoxFut<T> = Pin<Box<dyn Future<Output = Result<T, ProxyError>> + Send>>;
+
+/// The erased per-route service.
+pub type BoxHttp = BoxCloneSyncService<Request<Bytes>, Response<Body>, ProxyError>;
+
+/// Attempts made for one request, shared by the retry and timeout layers and read by
+/// the access log.
+#[derive(Clone, Default, Debug)]
+pub struct Attempts(pub Arc<AtomicU32>);
+
+impl Attempts {
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Builds a passthrough route's stack, innermost first.
+pub fn mk_passthrough(route: &RouteConfig, client: HttpClient) -> BoxHttp {
+    Stack::new(Upstream { client })
+        .push(TimeoutLayer(route.timeout)) // per attempt, so inside retry
+        .push(RetryLayer::new(route)) // replays the buffered body; skips unkeyed POSTs
+        .push(option_layer(route.circuit_breaker.map(BreakerLayer::new))) // one outcome per request, after retries
+        .push(option_layer(route.rate_limit.map(RateLimitLayer::new))) // outermost: refuse before any work
+        .check_service::<Request<Bytes>>()
+        .boxed()
+}
+
+/// The stack of unmatched passthrough: no retries (the destination is unknown to us),
+/// only a timeout.
+pub fn mk_unmatched(timeout: Duration, client: HttpClient) -> BoxHttp {
+    BoxCloneSyncService::new(TimeoutLayer(timeout).layer(Upstream { client }))
+}
+
+// === impl Upstream ===
+
+/// The leaf: one request on the pooled client.
+#[derive(Clone)]
+pub struct Upstream {
+    client: HttpClient,
+}
+
+impl Service<Request<Bytes>> for Upstream {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFut<Response<Body>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let client = self.client.clone();
+        Box::pin(async move {
+            client.send(req).await.map_err(|e| match e.class {
+                crate::config::FailureClass::ConnectFailure => {
+                    ProxyError::UpstreamConnect(e.message)
+                }
+                _ => ProxyError::UpstreamReset(e.message),
+            })
+        })
+    }
+}
+
+// === impl Timeout ===
+
+#[derive(Clone, Copy)]
+pub struct TimeoutLayer(pub Duration);
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner,
+            timeout: self.0,
+        }
+    }
+}
+
+/// Bounds one attempt (until response headers) and counts it.
+#[derive(Clone)]
+pub struct Timeout<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S> Service<Request<Bytes>> for Timeout<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFut<Response<Body>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        if let Some(a) = req.extensions().get::<Attempts>() {
+            a.0.fetch_add(1, Ordering::Relaxed);
+        }
+        let timeout = self.timeout;
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+            }
+        })
+    }
+}
+
+// === impl Retry ===
+
+#[derive(Clone)]
+pub struct RetryLayer {
+    policy: crate::config::RetryPolicy,
+    idempotency_header: http::HeaderName,
+    budget: Arc<TpsBudget>,
+}
+
+impl RetryLayer {
+    pub fn new(route: &RouteConfig) -> Self {
+        RetryLayer {
+            policy: route.retry.clone(),
+            idempotency_header: route.idempotency.header.clone(),
+            // Retries stay under ~20% of requests plus a floor of 10/s over a 10s
+            // window, so a failing upstream never sees a retry storm.
+            budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+        }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    layer: RetryLayer,
+}
+
+/// RFC 9110 §9.2.2: only these may be repeated without knowing more.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+impl<S> Service<Request<Bytes>> for Retry<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFut<Response<Body>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let inner = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, inner);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let policy = &layer.policy;
+            layer.budget.deposit();
+            let replayable =
+                idempotent(req.method()) || req.headers().contains_key(&layer.idempotency_header);
+            let max = policy.max_attempts.get();
+            let mut svc = inner;
+            let mut attempt = 1u32;
+            loop {
+                let result = svc.ready().await?.call(clone_request(&req)).await;
+                let retryable = match &result {
+                    Ok(rsp) => policy.retry_on.status(rsp.status().as_u16()),
+                    Err(e) => e
+                        .failure_class()
+                        .is_some_and(|c| policy.retry_on.failure(c)),
+                };
+                // A connect failure sent nothing, so even a POST may go again.
+                let safe = replayable || matches!(&result, Err(ProxyError::UpstreamConnect(_)));
+                if !retryable || !safe || attempt >= max || !layer.budget.withdraw() {
+                    return result;
+                }
+                let mut delay = backoff::delay(&policy.backoff, attempt);
+                if policy.honor_retry_after {
+                    if let Ok(rsp) = &result {
+                        if let Some(after) =
+                            backoff::retry_after(rsp.headers(), std::time::SystemTime::now())
+                        {
+                            delay = delay.max(after.min(policy.backoff.max()));
+                        }
+                    }
+                }
+                tracing::debug!(attempt, ?delay, "retrying passthrough request");
+                drop(result);
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+        })
+    }
+}
+
+fn clone_request(req: &Request<Bytes>) -> Request<Bytes> {
+    let mut r = Request::new(req.body().clone());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    if let Some(a) = req.extensions().get::<Attempts>() {
+        r.extensions_mut().insert(a.clone());
+    }
+    r
+}
+
+// === impl Breaker ===
+
+#[derive(Debug)]
+enum BreakerState {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// One trial request is out; everything else is refused until it answers.
+    HalfOpen,
+}
+
+#[derive(Clone)]
+pub struct BreakerLayer {
+    config: BreakerConfig,
+    state: Arc<Mutex<BreakerState>>,
+}
+
+impl BreakerLayer {
+    pub fn new(config: BreakerConfig) -> Self {
+        BreakerLayer {
+            config,
+            state: Arc::new(Mutex::new(BreakerState::Closed { failures: 0 })),
+        }
+    }
+}
+
+impl<S> Layer<S> for BreakerLayer {
+    type Service = Breaker<S>;
+    fn layer(&self, inner: S) -> Breaker<S> {
+        Breaker {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Consecutive-failure circuit breaker. "Open" means refusing.
+#[derive(Clone)]
+pub struct Breaker<S> {
+    inner: S,
+    layer: BreakerLayer,
+}
+
+/// What the breaker counts as the upstream failing.
+fn is_failure(result: &Result<Response<Body>, ProxyError>) -> bool {
+    match result {
+        Ok(rsp) => rsp.status().is_server_error(),
+        Err(e) => e.failure_class().is_some(),
+    }
+}
+
+impl<S> Service<Request<Bytes>> for Breaker<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFut<Response<Body>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let now = Instant::now();
+        {
+            let mut state = self.layer.state.lock();
+            match *state {
+                BreakerState::Closed { .. } => {}
+                BreakerState::Open { until } if now >= until => *state = BreakerState::HalfOpen,
+                BreakerState::Open { until } => {
+                    let retry_after = until - now;
+                    return Box::pin(async move { Err(ProxyError::CircuitOpen { retry_after }) });
+                }
+                BreakerState::HalfOpen => {
+                    let retry_after = Duration::from_secs(1);
+                    return Box::pin(async move { Err(ProxyError::CircuitOpen { retry_after }) });
+                }
+            }
+        }
+        let fut = self.inner.call(req);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let result = fut.await;
+            let failed = is_failure(&result);
+            let mut state = layer.state.lock();
+            *state = match (&*state, failed) {
+                (_, false) => BreakerState::Closed { failures: 0 },
+                (BreakerState::Closed { failures }, true)
+                    if failures + 1 < layer.config.consecutive_failures.get() =>
+                {
+                    BreakerState::Closed {
+                        failures: failures + 1,
+                    }
+                }
+                (_, true) => {
+                    tracing::warn!(open_for = ?layer.config.open_for, "circuit breaker opened");
+                    BreakerState::Open {
+                        until: Instant::now() + layer.config.open_for,
+                    }
+                }
+            };
+            result
+        })
+    }
+}
+
+// === impl RateLimit ===
+
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    limiter: Arc<governor::DefaultDirectRateLimiter>,
+}
+
+impl RateLimitLayer {
+    pub fn new(cfg: RateLimitConfig) -> Self {
+        let quota = Quota::per_second(cfg.per_second).allow_burst(cfg.burst);
+        RateLimitLayer {
+            limiter: Arc::new(RateLimiter::direct(quota)),
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+/// Refuses at once with `429` over the route's rate: a passthrough caller is waiting,
+/// and queueing it here would only turn the limit into latency.
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Arc<governor::DefaultDirectRateLimiter>,
+}
+
+impl<S> Service<Request<Bytes>> for RateLimit<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFut<Response<Body>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        if let Err(not_until) = self.limiter.check() {
+            let retry_after = not_until.wait_time_from(DefaultClock::default().now());
+            return Box::pin(async move { Err(ProxyError::RateLimited { retry_after }) });
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
