@@ -1,0 +1,389 @@
+//! Test support: the real `spillway` binary on loopback ports it picks itself, a
+//! scriptable flaky upstream, a raw HTTP/1.1 client and `eventually`.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+
+/// How long a condition may take before a test fails; raise it on slow machines.
+pub fn patience() -> Duration {
+    let secs = std::env::var("SPILLWAY_TEST_PATIENCE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
+
+/// Polls `probe` until it is true or the patience runs out.
+pub async fn eventually<F, Fut>(what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + patience();
+    loop {
+        if probe().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// === Spillway ===
+
+pub struct Spillway {
+    child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Spillway {
+    /// Starts the binary on `yaml`; the config's listeners should use port 0. `{data}`
+    /// in the text is replaced by a fresh directory.
+    pub fn start(yaml: &str) -> Spillway {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = yaml.replace("{data}", &dir.path().display().to_string());
+        let cfg = dir.path().join("spillway.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        let log = dir.path().join("spillway.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spillway"))
+            .args(["run", "-c"])
+            .arg(&cfg)
+            .env("SPILLWAY_LOG_FORMAT", "json")
+            .env("SPILLWAY_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut proxy, mut admin) = (None, None);
+        let deadline = std::time::Instant::now() + patience();
+        while proxy.is_none() || admin.is_none() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => panic!(
+                    "spillway did not report its listeners; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ),
+            };
+            let v: serde_json::Value = match serde_json::from_str(&line) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            if v["event"] == "listening" {
+                let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+                match v["name"].as_str() {
+                    Some("proxy") => proxy = Some(addr),
+                    Some("admin") => admin = Some(addr),
+                    _ => {}
+                }
+            }
+        }
+        Spillway {
+            child,
+            proxy: proxy.unwrap(),
+            admin: admin.unwrap(),
+            dir,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn sigterm(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+    }
+
+    /// Waits for the process to exit within the patience.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + patience();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "spillway did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The JSON access-log lines written so far.
+    pub fn access_lines(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == "request")
+            .collect()
+    }
+
+    /// Peak resident set size of the process, in bytes (`VmHWM`).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
+    }
+}
+
+impl Drop for Spillway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === FlakyUpstream ===
+
+/// What the upstream does with one request.
+#[derive(Clone)]
+pub enum Action {
+    Respond {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        body: Bytes,
+    },
+    /// Sleep, then answer 200.
+    Delay(Duration),
+    /// Answer 200 with a body of this many bytes, streamed in 64 KiB chunks.
+    Stream(usize),
+}
+
+impl Action {
+    pub fn status(status: u16) -> Action {
+        Action::Respond {
+            status,
+            headers: vec![],
+            body: Bytes::from_static(b"upstream says hi"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+type Script = dyn Fn(usize, &Recorded) -> Action + Send + Sync;
+
+/// A real HTTP server on 127.0.0.1 whose answers a test scripts per request number.
+pub struct FlakyUpstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Recorded>>>,
+    count: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FlakyUpstream {
+    pub async fn start<F>(script: F) -> FlakyUpstream
+    where
+        F: Fn(usize, &Recorded) -> Action + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let script: Arc<Script> = Arc::new(script);
+        let (s, c) = (seen.clone(), count.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
+                let (seen, count, script) = (s.clone(), c.clone(), script.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (seen, count, script) = (seen.clone(), count.clone(), script.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let rec = Recorded {
+                                method: parts.method.to_string(),
+                                uri: parts.uri.to_string(),
+                                headers: parts.headers,
+                                body,
+                            };
+                            let n = count.fetch_add(1, Ordering::SeqCst);
+                            let action = script(n, &rec);
+                            seen.lock().push(rec);
+                            Ok::<_, Infallible>(respond(action).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FlakyUpstream {
+            addr,
+            seen,
+            count,
+            task,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.seen.lock().clone()
+    }
+}
+
+impl Drop for FlakyUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn respond(action: Action) -> Response<UpBody> {
+    match action {
+        Action::Respond {
+            status,
+            headers,
+            body,
+        } => {
+            let mut rsp = Response::new(Full::new(body).boxed());
+            *rsp.status_mut() = StatusCode::from_u16(status).unwrap();
+            for (k, v) in headers {
+                rsp.headers_mut().insert(k, v.parse().unwrap());
+            }
+            rsp
+        }
+        Action::Delay(d) => {
+            tokio::time::sleep(d).await;
+            Response::new(Full::new(Bytes::from_static(b"slow")).boxed())
+        }
+        Action::Stream(total) => {
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let n = total / chunk.len();
+            let frames = futures_util::stream::iter(
+                (0..n).map(move |_| Ok::<_, Infallible>(hyper::body::Frame::data(chunk.clone()))),
+            );
+            Response::new(http_body_util::StreamBody::new(frames).boxed())
+        }
+    }
+}
+
+// === client ===
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends one request over a fresh HTTP/1.1 connection to `addr`. The URI is written as
+/// given, so an absolute URI makes an HTTP_PROXY-style request.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let rsp = tx.send_request(req).await.unwrap();
+    let (parts, body) = rsp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub fn get(uri: &str, host: &str) -> Request<Full<Bytes>> {
+    Request::get(uri)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// Writes raw bytes and reads until the server closes or `limit` bytes arrived.
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(patience(), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.windows(4).any(|w| w == b"\r\n\r\n") && out.len() > 12 {
+                    // Enough for a status line and headers of a small answer.
+                    let text = String::from_utf8_lossy(&out);
+                    if text.contains("content-length: 0") || text.ends_with('}') {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
