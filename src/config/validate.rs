@@ -98,83 +98,95 @@ fn first_line(msg: &str) -> String {
         Some(i) => &line[..i],
         None => line,
     };
-    line.trim_end_matches(':').to_string()
+    // Advice about parser options is for library users, not for someone editing YAML.
+    let line = match line.find(", set DuplicateKeyPolicy") {
+        Some(i) => &line[..i],
+        None => line,
+    };
+    let line = line.trim_end_matches(':');
+    // serde's wording for a non-number in an integer field says nothing to a YAML author.
+    if line.starts_with("invalid i64") || line.starts_with("invalid u64") {
+        return format!("expected a whole number ({line})");
+    }
+    line.to_string()
 }
 
 /// Best-effort dotted key path for a 1-based line, from indentation alone. The parser
 /// does not report one, and a path is what makes an error findable in a long file.
 fn key_path_at(text: &str, target: u32) -> String {
-    // (indent, segment, is_sequence_item_counter)
-    let mut stack: Vec<(usize, String)> = Vec::new();
-    let mut seq_index: HashMap<usize, (String, usize)> = HashMap::new();
-    for (n, raw_line) in text.lines().enumerate() {
-        let line_no = n + 1;
-        let trimmed = raw_line.trim_start();
+    struct Frame {
+        indent: isize,
+        path: String,
+        items: usize,
+        is_item: bool,
+    }
+    let mut stack = vec![Frame {
+        indent: -1,
+        path: String::new(),
+        items: 0,
+        is_item: false,
+    }];
+    let top_path = |stack: &[Frame]| stack.last().map(|f| f.path.clone()).unwrap_or_default();
+    for (n, line) in text.lines().enumerate() {
+        let line_no = u32::try_from(n + 1).unwrap_or(u32::MAX);
+        if line_no > target {
+            break;
+        }
+        let trimmed = line.trim_start();
         if trimmed.is_empty() || trimmed.starts_with('#') {
-            if line_no as u32 >= target {
-                break;
-            }
             continue;
         }
-        let mut indent = raw_line.len() - trimmed.len();
+        let mut indent = isize::try_from(line.len() - trimmed.len()).unwrap_or(0);
         let mut rest = trimmed;
-        // A `- ` item opens a new element of the sequence owned by the key above it.
-        if let Some(after) = rest.strip_prefix("- ") {
-            while stack
-                .last()
-                .is_some_and(|(i, _)| *i >= indent + 1 && *i > indent)
+        // Each `- ` opens a new element of the sequence owned by the frame above it.
+        while rest == "-" || rest.starts_with("- ") {
+            while stack.len() > 1
+                && stack
+                    .last()
+                    .is_some_and(|f| f.indent > indent || (f.indent == indent && f.is_item))
             {
                 stack.pop();
             }
-            let parent = stack.last().map(|(_, s)| s.clone()).unwrap_or_default();
-            let entry = seq_index.entry(indent).or_insert((parent.clone(), 0));
-            if entry.0 != parent {
-                *entry = (parent.clone(), 0);
-            } else {
-                entry.1 += 1;
-            }
-            let idx = entry.1;
-            while stack.last().is_some_and(|(i, _)| *i >= indent) {
-                stack.pop();
-            }
-            let seg = format!("{parent}[{idx}]");
-            stack.push((indent, seg));
-            let off = rest.len() - after.trim_start().len();
-            indent += off;
-            rest = after.trim_start();
-            // Make the item's own keys nest under it.
-            if let Some(last) = stack.last_mut() {
-                last.0 = indent - 1;
-            }
-        } else {
-            while stack.last().is_some_and(|(i, _)| *i >= indent) {
-                stack.pop();
-            }
-        }
-        let key = rest
-            .split_once(':')
-            .map(|(k, _)| k.trim().trim_matches('"').trim_matches('\'').to_string());
-        if let Some(key) = key.filter(|k| !k.is_empty() && !k.contains(' ') && !k.contains('{')) {
-            let parent = stack.last().map(|(_, s)| s.clone()).unwrap_or_default();
-            let path = if parent.is_empty() {
-                key
-            } else if parent.ends_with(']') && stack.last().is_some_and(|(i, _)| *i + 1 == indent) {
-                format!("{parent}.{key}")
-            } else {
-                format!("{parent}.{key}")
+            let Some(parent) = stack.last_mut() else {
+                break;
             };
-            if line_no as u32 == target {
+            let path = format!("{}[{}]", parent.path, parent.items);
+            parent.items += 1;
+            stack.push(Frame {
+                indent,
+                path,
+                items: 0,
+                is_item: true,
+            });
+            let after = rest[1..].trim_start();
+            indent += isize::try_from(rest.len() - after.len()).unwrap_or(0);
+            rest = after;
+        }
+        let key = match rest.find(": ") {
+            Some(i) => Some(&rest[..i]),
+            None => rest.strip_suffix(':'),
+        }
+        .map(|k| k.trim().trim_matches('"').trim_matches('\''))
+        .filter(|k| !k.is_empty() && !k.contains([' ', '{', '[', ',']));
+        if let Some(key) = key {
+            while stack.len() > 1 && stack.last().is_some_and(|f| f.indent >= indent) {
+                stack.pop();
+            }
+            let path = join(&top_path(&stack), key);
+            if line_no == target {
                 return path;
             }
-            stack.push((indent, path));
-        } else if line_no as u32 == target {
-            return stack.last().map(|(_, s)| s.clone()).unwrap_or_default();
-        }
-        if line_no as u32 >= target {
-            break;
+            stack.push(Frame {
+                indent,
+                path,
+                items: 0,
+                is_item: false,
+            });
+        } else if line_no == target {
+            return top_path(&stack);
         }
     }
-    stack.last().map(|(_, s)| s.clone()).unwrap_or_default()
+    top_path(&stack)
 }
 
 /// Collects errors while building the validated config.
