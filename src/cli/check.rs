@@ -48,7 +48,10 @@ fn describe(route: &RouteConfig) -> String {
         None => "*".to_string(),
     };
     format!(
-        "{}\t{mode}\thost={host} path={path} methods={methods}\t-> {}",
-        route.name, route.upstream.url
+        "{}\t{mode}\thost={host} path={path} methods={methods}\t-> {}://{}{}",
+        route.name,
+        route.upstream.scheme.as_str(),
+        route.upstream.authority,
+        route.upstream.base_path
     )
 }

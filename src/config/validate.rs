@@ -267,7 +267,7 @@ impl Cx<'_> {
     fn int(&mut self, v: &S<i64>, key: &str, min: i64, max: i64) -> Option<i64> {
         if (min..=max).contains(&v.value) {
             Some(v.value)
-        } else if max == i64::MAX {
+        } else if max >= i64::from(u32::MAX) {
             self.err(
                 v.referenced,
                 key,
