@@ -2,10 +2,15 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::rescue::{full, ProxyError};
 use super::target::Target;
@@ -53,7 +58,53 @@ pub async fn connect(
             Err(_) => tracing::debug!(%authority, "tunnel reached its time limit"),
         }
     });
-    let mut rsp = Response::new(full(bytes::Bytes::new()));
+    let mut rsp = Response::new(full(Bytes::new()));
     *rsp.status_mut() = StatusCode::OK;
     Ok(rsp)
+}
+
+/// Copies both ways until either side closes or neither moves a byte for `idle`.
+/// Returns the bytes sent up and down.
+async fn pipe<C>(client: C, upstream: TcpStream, idle: Duration) -> (u64, u64)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let last = Mutex::new(Instant::now());
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = upstream.into_split();
+    let (mut up, mut down) = (0u64, 0u64);
+    let copy = |r: &mut (dyn AsyncRead + Unpin + Send),
+                w: &mut (dyn AsyncWrite + Unpin + Send),
+                n: &mut u64| {
+        let last = &last;
+        async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let read = match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => k,
+                };
+                if w.write_all(&buf[..read]).await.is_err() {
+                    break;
+                }
+                *n += read as u64;
+                *last.lock() = Instant::now();
+            }
+            let _ = w.shutdown().await;
+        }
+    };
+    let watchdog = async {
+        loop {
+            let deadline = *last.lock() + idle;
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        _ = async { tokio::join!(copy(&mut cr, &mut uw, &mut up), copy(&mut ur, &mut cw, &mut down)) } => {}
+        _ = watchdog => tracing::debug!("tunnel idle for {idle:?}; closing"),
+    }
+    (up, down)
 }

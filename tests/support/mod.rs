@@ -84,9 +84,9 @@ impl Spillway {
             }
         });
         let (mut proxy, mut admin) = (None, None);
-        let deadline = std::time::Instant::now() + patience();
+        let deadline = tokio::time::Instant::now() + patience();
         while proxy.is_none() || admin.is_none() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(l) => l,
                 Err(_) => panic!(
