@@ -108,6 +108,18 @@ fn first_line(msg: &str) -> String {
     if line.starts_with("invalid i64") || line.starts_with("invalid u64") {
         return format!("expected a whole number ({line})");
     }
+    if line.starts_with("invalid floating point") {
+        return "expected a number such as 2.0".to_string();
+    }
+    if line.starts_with("expected mapping start") {
+        return "expected a mapping of keys and values here".to_string();
+    }
+    if line.starts_with("expected sequence start") {
+        return "expected a list here".to_string();
+    }
+    if line.starts_with("multiple YAML documents") {
+        return "expected one YAML document, found several (remove the extra `---`)".to_string();
+    }
     line.to_string()
 }
 
