@@ -565,7 +565,7 @@ impl Cx<'_> {
     fn routes(&mut self, raw: Vec<S<RawRoute>>) -> Vec<Arc<RouteConfig>> {
         let mut out = Vec::with_capacity(raw.len());
         let mut names: HashMap<String, usize> = HashMap::new();
-        // (index, name, matcher, where to point) of every route whose match was valid.
+        // (index, name, matcher) of every earlier route whose match was valid.
         let mut seen: Vec<(usize, String, RouteMatch)> = Vec::new();
         for (i, r) in raw.iter().enumerate() {
             let p = format!("routes[{i}]");
