@@ -108,6 +108,18 @@ fn first_line(msg: &str) -> String {
     if line.starts_with("invalid i64") || line.starts_with("invalid u64") {
         return format!("expected a whole number ({line})");
     }
+    if line.starts_with("invalid floating point") {
+        return "expected a number such as 2.0".to_string();
+    }
+    if line.starts_with("expected mapping start") {
+        return "expected a mapping of keys and values here".to_string();
+    }
+    if line.starts_with("expected sequence start") {
+        return "expected a list here".to_string();
+    }
+    if line.starts_with("multiple YAML documents") {
+        return "expected one YAML document, found several (remove the extra `---`)".to_string();
+    }
     line.to_string()
 }
 
@@ -553,7 +565,7 @@ impl Cx<'_> {
     fn routes(&mut self, raw: Vec<S<RawRoute>>) -> Vec<Arc<RouteConfig>> {
         let mut out = Vec::with_capacity(raw.len());
         let mut names: HashMap<String, usize> = HashMap::new();
-        // (index, name, matcher, where to point) of every route whose match was valid.
+        // (index, name, matcher) of every earlier route whose match was valid.
         let mut seen: Vec<(usize, String, RouteMatch)> = Vec::new();
         for (i, r) in raw.iter().enumerate() {
             let p = format!("routes[{i}]");
@@ -1238,4 +1250,484 @@ fn parse_upstream(raw: &str) -> Result<Upstream, String> {
         base_path,
         url: uri,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn ok(yaml: &str) -> Config {
+        from_str(yaml, Path::new("t.yaml")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn errs(yaml: &str) -> Vec<ConfigError> {
+        match from_str(yaml, Path::new("t.yaml")) {
+            Ok(_) => panic!("expected errors for:\n{yaml}"),
+            Err(e) => e.0,
+        }
+    }
+
+    /// The one error at `key`, with its message.
+    fn err_at(yaml: &str, key: &str) -> ConfigError {
+        let all = errs(yaml);
+        all.iter()
+            .find(|e| e.key_path == key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no error at {key}: {all:?}"))
+    }
+
+    const ROUTE: &str = "routes:\n  - name: r\n    upstream: https://api.example.com\n";
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        for text in ["", "# only a comment\n", "{}\n"] {
+            let c = ok(text);
+            assert_eq!(c.listen, "127.0.0.1:15080".parse().unwrap());
+            assert_eq!(c.admin.listen, "127.0.0.1:15081".parse().unwrap());
+            assert_eq!(c.admin.token_env, None);
+            assert_eq!(c.storage.backend, StorageBackend::Redb);
+            assert_eq!(c.storage.path, PathBuf::from("./data/spillway.redb"));
+            assert_eq!(c.storage.cache_size, 16 * 1024 * 1024);
+            assert!(c.storage.nats.is_none());
+            assert_eq!(c.limits.max_body_bytes, Limits::default().max_body_bytes);
+            assert_eq!(c.unmatched, Unmatched::Reject);
+            assert_eq!(c.shutdown_grace, Duration::from_secs(25));
+            assert!(c.routes.is_empty());
+        }
+    }
+
+    #[test]
+    fn passthrough_route_defaults() {
+        let c = ok(ROUTE);
+        let r = &c.routes[0];
+        assert!(!r.deferrable);
+        assert_eq!(r.timeout, Duration::from_secs(10));
+        assert_eq!(r.concurrency.get(), 8);
+        assert_eq!(r.connect_ports, vec![443]);
+        assert_eq!(r.queue.max_depth, 100_000);
+        assert_eq!(r.idempotency.header.as_str(), "idempotency-key");
+        assert_eq!(r.idempotency.dedupe_window, Duration::from_secs(86400));
+        assert_eq!(r.retry.max_attempts.get(), 3);
+        assert_eq!(r.retry.max_age, None);
+        assert!(r.retry.retry_on.failure(FailureClass::ConnectFailure));
+        assert!(r.retry.retry_on.failure(FailureClass::Timeout));
+        assert!(r.retry.retry_on.failure(FailureClass::Reset));
+        assert_eq!(r.retry.retry_on.statuses, vec![502, 503, 504]);
+        assert_eq!(r.retry.backoff.initial(), Duration::from_millis(100));
+        assert_eq!(r.retry.backoff.max(), Duration::from_secs(1));
+        assert_eq!(r.retry.backoff.multiplier(), 2.0);
+        assert_eq!(r.retry.backoff.jitter(), Jitter::Full);
+        assert!(r.retry.honor_retry_after);
+        assert!(r.rate_limit.is_none());
+        assert!(r.circuit_breaker.is_none());
+        assert!(r.ordering.is_none());
+        assert!(r.matcher.host.is_none() && r.matcher.methods.is_none());
+    }
+
+    #[test]
+    fn deferrable_route_defaults() {
+        let c = ok(&format!("{ROUTE}    deferrable: true\n"));
+        let r = &c.routes[0];
+        assert!(r.deferrable);
+        assert_eq!(r.retry.max_attempts.get(), 20);
+        assert_eq!(r.retry.max_age, Some(Duration::from_secs(86400)));
+        assert_eq!(
+            r.retry.retry_on.statuses,
+            vec![408, 425, 429, 500, 502, 503, 504]
+        );
+        assert_eq!(r.retry.backoff.initial(), Duration::from_secs(1));
+        assert_eq!(r.retry.backoff.max(), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let text = include_str!("../../config/spillway.yaml");
+        let c = ok(text);
+        assert_eq!(c.routes.len(), 2);
+        let hooks = c.route("partner-webhooks").unwrap();
+        assert_eq!(hooks.quotas.len(), 2);
+        assert_eq!(
+            hooks.ordering.as_ref().unwrap().key_header.as_str(),
+            "x-ordering-key"
+        );
+        let rl = c.route("tax-quote").unwrap().rate_limit.unwrap();
+        assert_eq!((rl.per_second.get(), rl.burst.get()), (20, 40));
+    }
+
+    #[test]
+    fn units() {
+        let c = ok("limits:\n  max_body_bytes: 2MiB\n  max_header_bytes: 1000\n  tunnel_idle_timeout: 1h 30m\nshutdown_grace: 250ms\n");
+        assert_eq!(c.limits.max_body_bytes, 2 << 20);
+        assert_eq!(c.limits.max_header_bytes, 1000);
+        assert_eq!(c.limits.tunnel_idle_timeout, Duration::from_secs(5400));
+        assert_eq!(c.shutdown_grace, Duration::from_millis(250));
+        let e = err_at("shutdown_grace: 25\n", "shutdown_grace");
+        assert!(e.message.contains("unit"), "{}", e.message);
+        assert_eq!((e.line, e.column), (Some(1), Some(17)));
+        err_at("limits:\n  max_body_bytes: huge\n", "limits.max_body_bytes");
+    }
+
+    #[test]
+    fn parse_errors_have_position_and_key() {
+        let e = errs("routes:\n  - name: a\n    upstream: https://x.example\n    retyr: {}\n");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].line, Some(4));
+        assert_eq!(e[0].key_path, "routes[0].retyr");
+        assert!(e[0].message.contains("retyr"));
+
+        let e = errs("listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].line, Some(2));
+        assert!(e[0].message.contains("duplicate"), "{}", e[0].message);
+
+        let e = errs("routes: [\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].line.is_some());
+    }
+
+    #[test]
+    fn key_path_from_indentation() {
+        let text = "a:\n  b: 1\nroutes:\n  - name: x\n    retry:\n      backoff: {}\n  - name: y\n    match:\n      methods:\n        - GET\n";
+        assert_eq!(key_path_at(text, 2), "a.b");
+        assert_eq!(key_path_at(text, 4), "routes[0].name");
+        assert_eq!(key_path_at(text, 6), "routes[0].retry.backoff");
+        assert_eq!(key_path_at(text, 7), "routes[1].name");
+        assert_eq!(key_path_at(text, 10), "routes[1].match.methods[0]");
+    }
+
+    #[test]
+    fn collects_every_error() {
+        let e = errs(
+            "listen: nope\nadmin:\n  listen: 10.0.0.1:15081\nunmatched: maybe\nroutes:\n  - name: ''\n    upstream: ftp://x\n  - name: b\n    upstream: https://b.example\n    timeout: 3\n",
+        );
+        let keys: Vec<_> = e.iter().map(|e| e.key_path.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "listen",
+                "admin.listen",
+                "unmatched",
+                "routes[0].name",
+                "routes[0].upstream",
+                // routes[0] has no match, so it catches everything routes[1] would.
+                "routes[1].match",
+                "routes[1].timeout"
+            ]
+        );
+        assert!(e.iter().all(|e| e.line.is_some() && e.column.is_some()));
+    }
+
+    #[test]
+    fn route_names() {
+        ok("routes:\n  - name: a.b_c-1\n    upstream: https://x.example\n");
+        err_at(
+            "routes:\n  - name: 'a b'\n    upstream: https://x.example\n",
+            "routes[0].name",
+        );
+        err_at(
+            "routes:\n  - upstream: https://x.example\n",
+            "routes[0].name",
+        );
+        let e = err_at(
+            "routes:\n  - name: a\n    match: { host: a.example }\n    upstream: https://x.example\n  - name: a\n    match: { host: b.example }\n    upstream: https://x.example\n",
+            "routes[1].name",
+        );
+        assert_eq!(e.line, Some(5));
+        assert!(e.message.contains("routes[0]"));
+    }
+
+    #[test]
+    fn shadowing() {
+        let route = |name: &str, m: &str| {
+            format!("  - name: {name}\n    match: {m}\n    upstream: https://x.example\n")
+        };
+        let cases = [
+            (
+                "{ host: a.example }",
+                "{ host: a.example, path_prefix: /v1 }",
+                true,
+            ),
+            ("{ path_prefix: /v1 }", "{ path_prefix: /v1/x }", true),
+            ("{ path_prefix: /v1 }", "{ path_prefix: /v10 }", false),
+            ("{ path_prefix: /v1 }", "{ host: a.example }", false),
+            ("{ methods: [GET, POST] }", "{ methods: [post] }", true),
+            ("{ methods: [GET] }", "{ methods: [GET, POST] }", false),
+            ("{ host: a.example }", "{ host: b.example }", false),
+            ("{ host: a.example }", "{ host: 'A.example' }", true),
+            ("{ host: a.example }", "{ host: 'a.example:8443' }", false),
+        ];
+        for (first, second, shadowed) in cases {
+            let text = format!(
+                "routes:\n{}{}",
+                route("first", first),
+                route("second", second)
+            );
+            let r = from_str(&text, Path::new("t.yaml"));
+            match (shadowed, r) {
+                (false, Ok(_)) => {}
+                (true, Err(e)) => {
+                    assert_eq!(e.0.len(), 1, "{e}");
+                    assert_eq!(e.0[0].key_path, "routes[1].match");
+                    assert!(e.0[0].message.contains("\"first\""), "{e}");
+                }
+                (want, got) => panic!("{first} then {second}: want shadowed={want}, got {got:?}"),
+            }
+        }
+        // A route with no match at all catches everything after it.
+        err_at(
+            "routes:\n  - name: all\n    upstream: https://x.example\n  - name: b\n    match: { host: b.example }\n    upstream: https://x.example\n",
+            "routes[1].match",
+        );
+    }
+
+    #[test]
+    fn matchers() {
+        let c = ok("routes:\n  - name: r\n    match: { host: 'API.Example.com:8443', path_prefix: /v1, methods: [get, Post, PROPFIND] }\n    upstream: https://x.example\n");
+        let m = &c.routes[0].matcher;
+        assert_eq!(
+            m.host,
+            Some(HostMatch {
+                host: "api.example.com".into(),
+                port: Some(8443)
+            })
+        );
+        assert_eq!(m.path_prefix.as_deref(), Some("/v1"));
+        let methods: Vec<_> = m
+            .methods
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str())
+            .collect();
+        assert_eq!(methods, vec!["GET", "POST", "PROPFIND"]);
+        let c = ok("routes:\n  - name: r\n    match: { host: '[::1]:8080' }\n    upstream: https://x.example\n");
+        assert_eq!(c.routes[0].matcher.host.as_ref().unwrap().host, "::1");
+
+        let base = "routes:\n  - name: r\n    upstream: https://x.example\n    match: ";
+        err_at(
+            &format!("{base}{{ path_prefix: v1 }}\n"),
+            "routes[0].match.path_prefix",
+        );
+        err_at(
+            &format!("{base}{{ methods: ['GE T'] }}\n"),
+            "routes[0].match.methods[0]",
+        );
+        err_at(
+            &format!("{base}{{ methods: [] }}\n"),
+            "routes[0].match.methods",
+        );
+        err_at(
+            &format!("{base}{{ host: 'a b' }}\n"),
+            "routes[0].match.host",
+        );
+        err_at(
+            &format!("{base}{{ host: 'a.example:0' }}\n"),
+            "routes[0].match.host",
+        );
+    }
+
+    #[test]
+    fn upstreams() {
+        let up = |u: &str| {
+            ok(&format!("routes:\n  - name: r\n    upstream: '{u}'\n")).routes[0]
+                .upstream
+                .clone()
+        };
+        let u = up("https://API.example.com/base/");
+        assert_eq!(u.scheme, Scheme::Https);
+        assert_eq!(u.host, "api.example.com");
+        assert_eq!(u.port, 443);
+        assert_eq!(u.authority.as_str(), "api.example.com");
+        assert_eq!(u.base_path, "/base");
+        let u = up("http://api.example.com:8080");
+        assert_eq!(
+            (u.port, u.authority.as_str()),
+            (8080, "api.example.com:8080")
+        );
+        assert_eq!(u.base_path, "");
+        let u = up("http://api.example.com:80/");
+        assert_eq!(u.authority.as_str(), "api.example.com");
+        let u = up("http://[::1]:9000");
+        assert_eq!(
+            (u.host.as_str(), u.authority.as_str()),
+            ("::1", "[::1]:9000")
+        );
+
+        for bad in [
+            "ftp://x.example",
+            "/relative",
+            "https://user:pw@x.example",
+            "https://x.example/?q=1",
+            "https://x.example/#frag",
+            "not a url",
+        ] {
+            err_at(
+                &format!("routes:\n  - name: r\n    upstream: '{bad}'\n"),
+                "routes[0].upstream",
+            );
+        }
+        err_at("routes:\n  - name: r\n", "routes[0].upstream");
+    }
+
+    #[test]
+    fn backoff_checks() {
+        let e = err_at(
+            &format!("{ROUTE}    retry:\n      backoff: {{ initial: 5s, max: 1s }}\n"),
+            "routes[0].retry.backoff.max",
+        );
+        assert!(
+            e.message.contains("5s") && e.message.contains("1s"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.line, Some(5));
+        err_at(
+            &format!("{ROUTE}    retry:\n      backoff: {{ multiplier: 0.5 }}\n"),
+            "routes[0].retry.backoff.multiplier",
+        );
+        err_at(
+            &format!("{ROUTE}    retry:\n      backoff: {{ initial: 0s }}\n"),
+            "routes[0].retry.backoff.initial",
+        );
+        err_at(
+            &format!("{ROUTE}    retry:\n      backoff: {{ jitter: some }}\n"),
+            "routes[0].retry.backoff.jitter",
+        );
+        let c = ok(&format!(
+            "{ROUTE}    retry:\n      backoff: {{ initial: 1s, max: 1s, multiplier: 1, jitter: equal }}\n"
+        ));
+        assert_eq!(c.routes[0].retry.backoff.jitter(), Jitter::Equal);
+    }
+
+    #[test]
+    fn retry_checks() {
+        err_at(
+            &format!("{ROUTE}    retry: {{ max_attempts: 0 }}\n"),
+            "routes[0].retry.max_attempts",
+        );
+        let c = ok(&format!(
+            "{ROUTE}    retry: {{ retry_on: [reset, '429', 503, 5xx], honor_retry_after: false }}\n"
+        ));
+        let r = &c.routes[0].retry;
+        assert_eq!(r.retry_on.failures, vec![FailureClass::Reset]);
+        assert_eq!(r.retry_on.statuses, vec![429, 503]);
+        assert_eq!(r.retry_on.classes, vec![5]);
+        assert!(r.retry_on.status(599) && !r.retry_on.status(404));
+        assert!(!r.honor_retry_after);
+        for bad in ["99", "600", "6xx", "flaky"] {
+            err_at(
+                &format!("{ROUTE}    retry: {{ retry_on: [timeout, {bad}] }}\n"),
+                "routes[0].retry.retry_on[1]",
+            );
+        }
+    }
+
+    #[test]
+    fn rate_limit_and_breaker() {
+        let c = ok(&format!("{ROUTE}    rate_limit: {{ per_second: 7 }}\n"));
+        let rl = c.routes[0].rate_limit.unwrap();
+        assert_eq!((rl.per_second.get(), rl.burst.get()), (7, 7));
+        err_at(
+            &format!("{ROUTE}    rate_limit: {{ per_second: 0 }}\n"),
+            "routes[0].rate_limit.per_second",
+        );
+        err_at(
+            &format!("{ROUTE}    rate_limit: {{ per_second: 1, burst: 0 }}\n"),
+            "routes[0].rate_limit.burst",
+        );
+        err_at(
+            &format!("{ROUTE}    circuit_breaker: {{ consecutive_failures: 0 }}\n"),
+            "routes[0].circuit_breaker.consecutive_failures",
+        );
+        let c = ok(&format!("{ROUTE}    circuit_breaker: {{ open_for: 1m }}\n"));
+        let b = c.routes[0].circuit_breaker.unwrap();
+        assert_eq!(b.open_for, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn deferrable_only_keys() {
+        for (key, yaml) in [
+            ("concurrency", "    concurrency: 2\n"),
+            ("quotas", "    quotas: [{ limit: 1, per: 1h }]\n"),
+            ("queue", "    queue: { max_depth: 5 }\n"),
+            ("ordering", "    ordering: { key_header: X-K }\n"),
+            ("retry.max_age", "    retry: { max_age: 1h }\n"),
+        ] {
+            let e = err_at(&format!("{ROUTE}{yaml}"), &format!("routes[0].{key}"));
+            assert!(e.message.contains("only for deferrable routes"));
+            ok(&format!("{ROUTE}    deferrable: true\n{yaml}"));
+        }
+    }
+
+    #[test]
+    fn deferrable_details() {
+        let d = format!("{ROUTE}    deferrable: true\n");
+        err_at(
+            &format!("{d}    quotas: [{{ limit: 0, per: 1h }}]\n"),
+            "routes[0].quotas[0].limit",
+        );
+        err_at(
+            &format!("{d}    quotas: [{{ limit: 5 }}]\n"),
+            "routes[0].quotas[0].per",
+        );
+        err_at(
+            &format!("{d}    ordering: {{}}\n"),
+            "routes[0].ordering.key_header",
+        );
+        err_at(
+            &format!("{d}    ordering: {{ key_header: 'bad header' }}\n"),
+            "routes[0].ordering.key_header",
+        );
+        err_at(
+            &format!("{d}    idempotency: {{ header: 'a:b' }}\n"),
+            "routes[0].idempotency.header",
+        );
+        err_at(
+            &format!("{d}    queue: {{ max_depth: 0 }}\n"),
+            "routes[0].queue.max_depth",
+        );
+        let c = ok(&format!(
+            "{d}    retry: {{ max_age: 2h }}\n    connect_ports: [443, 8443]\n"
+        ));
+        assert_eq!(c.routes[0].retry.max_age, Some(Duration::from_secs(7200)));
+        assert_eq!(c.routes[0].connect_ports, vec![443, 8443]);
+        err_at(
+            &format!("{ROUTE}    connect_ports: [0]\n"),
+            "routes[0].connect_ports[0]",
+        );
+    }
+
+    #[test]
+    fn admin_and_listen() {
+        let e = err_at("admin:\n  listen: 0.0.0.0:15081\n", "admin.listen");
+        assert!(e.message.contains("token_env"));
+        assert_eq!(e.line, Some(2));
+        let c = ok("admin:\n  listen: 0.0.0.0:15081\n  token_env: TOKEN\n");
+        assert_eq!(c.admin.token_env.as_deref(), Some("TOKEN"));
+        ok("admin:\n  listen: '[::1]:0'\nlisten: 127.0.0.1:0\n");
+        err_at("listen: 127.0.0.1\n", "listen");
+    }
+
+    #[test]
+    fn storage() {
+        let c = ok("storage:\n  backend: nats\n  url: nats://127.0.0.1:4222\n");
+        let n = c.storage.nats.unwrap();
+        assert_eq!((n.stream.as_str(), n.replicas), ("SPILLWAY", 1));
+        assert_eq!(c.storage.backend, StorageBackend::Nats);
+        err_at("storage:\n  backend: nats\n", "storage.url");
+        err_at("storage:\n  backend: sqlite\n", "storage.backend");
+        err_at("storage:\n  url: nats://x\n", "storage.url");
+        let c = ok("storage:\n  path: /var/lib/s.redb\n  cache_size: 1GiB\n");
+        assert_eq!(c.storage.cache_size, 1 << 30);
+    }
+
+    #[test]
+    fn unmatched_values() {
+        assert_eq!(
+            ok("unmatched: passthrough\n").unmatched,
+            Unmatched::Passthrough
+        );
+        err_at("unmatched: allow\n", "unmatched");
+    }
 }
