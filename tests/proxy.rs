@@ -337,3 +337,36 @@ async fn readiness_and_health_answer_on_the_admin_listener() {
     assert_eq!(send(sw.admin, get("/healthz", "admin")).await.status, 200);
     assert_eq!(send(sw.admin, get("/readyz", "admin")).await.status, 200);
 }
+
+#[tokio::test]
+async fn an_idle_tunnel_is_closed_after_tunnel_idle_timeout() {
+    let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let port = up.addr.port();
+    let routes = route(
+        "local",
+        "127.0.0.1",
+        up.addr,
+        &format!("    connect_ports: [{port}]\n"),
+    );
+    let cfg = config(&routes).replace(
+        "shutdown_grace",
+        "limits: { tunnel_idle_timeout: 300ms }\nshutdown_grace",
+    );
+    let sw = Spillway::start(&cfg);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(sw.proxy).await.unwrap();
+    s.write_all(
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Send nothing: the tunnel must close by itself.
+    let closed = tokio::time::timeout(support::patience(), s.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle tunnel stayed open"
+    );
+}

@@ -29,11 +29,10 @@ pub async fn connect(
         .try_acquire_owned()
         .map_err(|_| ProxyError::Overloaded)?;
     let addr = (target.host.clone(), target.port.unwrap_or(443));
-    let upstream =
-        tokio::time::timeout(std::time::Duration::from_secs(10), TcpStream::connect(addr))
-            .await
-            .map_err(|_| ProxyError::UpstreamConnect("connect timed out".into()))?
-            .map_err(|e| ProxyError::UpstreamConnect(e.to_string()))?;
+    let upstream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| ProxyError::UpstreamConnect("connect timed out".into()))?
+        .map_err(|e| ProxyError::UpstreamConnect(e.to_string()))?;
     let idle = limits.tunnel_idle_timeout;
     let authority = target.authority();
     tokio::spawn(async move {
@@ -45,18 +44,8 @@ pub async fn connect(
                 return;
             }
         };
-        let mut client = TokioIo::new(upgraded);
-        let mut upstream = upstream;
-        match tokio::time::timeout(
-            idle,
-            tokio::io::copy_bidirectional(&mut client, &mut upstream),
-        )
-        .await
-        {
-            Ok(Ok((up, down))) => tracing::debug!(%authority, up, down, "tunnel closed"),
-            Ok(Err(e)) => tracing::debug!(%authority, error = %e, "tunnel ended"),
-            Err(_) => tracing::debug!(%authority, "tunnel reached its time limit"),
-        }
+        let (up, down) = pipe(TokioIo::new(upgraded), upstream, idle).await;
+        tracing::debug!(%authority, up, down, "tunnel closed");
     });
     let mut rsp = Response::new(full(Bytes::new()));
     *rsp.status_mut() = StatusCode::OK;
@@ -73,26 +62,6 @@ where
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = upstream.into_split();
     let (mut up, mut down) = (0u64, 0u64);
-    let copy = |r: &mut (dyn AsyncRead + Unpin + Send),
-                w: &mut (dyn AsyncWrite + Unpin + Send),
-                n: &mut u64| {
-        let last = &last;
-        async move {
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                let read = match r.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => k,
-                };
-                if w.write_all(&buf[..read]).await.is_err() {
-                    break;
-                }
-                *n += read as u64;
-                *last.lock() = Instant::now();
-            }
-            let _ = w.shutdown().await;
-        }
-    };
     let watchdog = async {
         loop {
             let deadline = *last.lock() + idle;
@@ -103,8 +72,29 @@ where
         }
     };
     tokio::select! {
-        _ = async { tokio::join!(copy(&mut cr, &mut uw, &mut up), copy(&mut ur, &mut cw, &mut down)) } => {}
+        _ = async { tokio::join!(copy(&mut cr, &mut uw, &mut up, &last), copy(&mut ur, &mut cw, &mut down, &last)) } => {}
         _ = watchdog => tracing::debug!("tunnel idle for {idle:?}; closing"),
     }
     (up, down)
+}
+
+/// One direction of a tunnel; every chunk moved resets the shared idle clock.
+async fn copy<R, W>(r: &mut R, w: &mut W, n: &mut u64, last: &Mutex<Instant>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let read = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => k,
+        };
+        if w.write_all(&buf[..read]).await.is_err() {
+            break;
+        }
+        *n += read as u64;
+        *last.lock() = Instant::now();
+    }
+    let _ = w.shutdown().await;
 }
