@@ -370,3 +370,87 @@ async fn an_idle_tunnel_is_closed_after_tunnel_idle_timeout() {
         "the idle tunnel stayed open"
     );
 }
+
+#[tokio::test]
+async fn run_with_a_bad_config_names_the_place_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        "listen: 127.0.0.1:0\nroutes:\n  - name: a\n    upstream: ftp://x\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:4:", cfg.display())), "{err}");
+    assert!(err.contains("routes[0].upstream"), "{err}");
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_is_served() {
+    let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let sw = Spillway::start(&config(&route("api", "api.test", up.addr, "")));
+    let stream = tokio::net::TcpStream::connect(sw.proxy).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://api.test/h2")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let rsp = tx.send_request(req).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(up.requests()[0].uri, "/h2");
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_log() {
+    let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let sw = Spillway::start(&config(&route("api", "api.test", up.addr, "")));
+    let req = Request::get("/private?token=query-secret-1")
+        .header("host", "api.test")
+        .header("authorization", "Bearer auth-secret-1")
+        .header("cookie", "session=cookie-secret-1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(sw.proxy, req).await.status, 200);
+    eventually("the access line", || async {
+        !sw.access_lines().is_empty()
+    })
+    .await;
+    let line = &sw.access_lines()[0];
+    assert_eq!(line["route"], "api");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["path"], "/private");
+    let logs = sw.logs();
+    for secret in ["auth-secret-1", "cookie-secret-1", "query-secret-1"] {
+        assert!(!logs.contains(secret), "{secret} leaked into the log");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_head_is_cut_off() {
+    let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let cfg = config(&route("api", "api.test", up.addr, "")).replace(
+        "shutdown_grace",
+        "limits: { header_read_timeout: 300ms }\nshutdown_grace",
+    );
+    let sw = Spillway::start(&cfg);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(sw.proxy).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: api.te")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(support::patience(), s.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "the slow client kept its connection");
+    assert_eq!(up.count(), 0);
+}

@@ -325,7 +325,7 @@ where
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let now = Instant::now();
-        {
+        let trial = {
             let mut state = self.layer.state.lock();
             match *state {
                 BreakerState::Closed { .. } => {}
@@ -339,11 +339,14 @@ where
                     return Box::pin(async move { Err(ProxyError::CircuitOpen { retry_after }) });
                 }
             }
-        }
+            // Armed before the future exists: even one dropped unpolled releases the trial.
+            TrialGuard(matches!(*state, BreakerState::HalfOpen).then(|| self.layer.state.clone()))
+        };
         let fut = self.inner.call(req);
         let layer = self.layer.clone();
         Box::pin(async move {
             let result = fut.await;
+            drop(trial.disarm());
             let failed = is_failure(&result);
             let mut state = layer.state.lock();
             *state = match (&*state, failed) {
@@ -364,6 +367,29 @@ where
             };
             result
         })
+    }
+}
+
+/// If a half-open trial is abandoned (the client went away), the next request becomes
+/// the trial; otherwise the breaker would refuse forever.
+struct TrialGuard(Option<Arc<Mutex<BreakerState>>>);
+
+impl TrialGuard {
+    fn disarm(mut self) -> Option<Arc<Mutex<BreakerState>>> {
+        self.0.take()
+    }
+}
+
+impl Drop for TrialGuard {
+    fn drop(&mut self) {
+        if let Some(state) = self.0.take() {
+            let mut state = state.lock();
+            if matches!(*state, BreakerState::HalfOpen) {
+                *state = BreakerState::Open {
+                    until: Instant::now(),
+                };
+            }
+        }
     }
 }
 
@@ -420,5 +446,103 @@ where
             return Box::pin(async move { Err(ProxyError::RateLimited { retry_after }) });
         }
         Box::pin(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::rescue::full;
+    use std::sync::atomic::AtomicUsize;
+
+    fn breaker(fails: u32) -> BreakerLayer {
+        BreakerLayer::new(BreakerConfig {
+            consecutive_failures: fails.try_into().unwrap(),
+            open_for: Duration::from_secs(30),
+        })
+    }
+
+    fn svc(
+        status: u16,
+        calls: Arc<AtomicUsize>,
+    ) -> impl Service<
+        Request<Bytes>,
+        Response = Response<Body>,
+        Error = ProxyError,
+        Future = BoxFut<Response<Body>>,
+    > + Clone
+           + Send {
+        tower::service_fn(move |_req: Request<Bytes>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                let mut r = Response::new(full(Bytes::new()));
+                *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                Ok(r)
+            }) as BoxFut<Response<Body>>
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_opens_then_lets_one_trial_through_after_open_for() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = breaker(2);
+        let mut s = layer.layer(svc(500, calls.clone()));
+        for _ in 0..2 {
+            assert_eq!(
+                s.call(Request::new(Bytes::new())).await.unwrap().status(),
+                500
+            );
+        }
+        assert!(matches!(
+            s.call(Request::new(Bytes::new())).await,
+            Err(ProxyError::CircuitOpen { .. })
+        ));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let mut ok = layer.layer(svc(200, calls.clone()));
+        assert_eq!(
+            ok.call(Request::new(Bytes::new())).await.unwrap().status(),
+            200
+        );
+        assert_eq!(
+            ok.call(Request::new(Bytes::new())).await.unwrap().status(),
+            200
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_trial_does_not_wedge_the_breaker() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = breaker(1);
+        let mut s = layer.layer(svc(500, calls.clone()));
+        let _ = s.call(Request::new(Bytes::new())).await;
+        tokio::time::advance(Duration::from_secs(31)).await;
+        // The trial's future is dropped before it completes.
+        drop(s.call(Request::new(Bytes::new())));
+        let mut ok = layer.layer(svc(200, calls));
+        assert_eq!(
+            ok.call(Request::new(Bytes::new())).await.unwrap().status(),
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn unkeyed_post_is_not_retried_but_get_is() {
+        let route = crate::config::from_str(
+            "routes:\n  - name: a\n    upstream: http://127.0.0.1:9\n    retry: { max_attempts: 3, backoff: { initial: 1ms, max: 2ms } }\n",
+            std::path::Path::new("t.yaml"),
+        )
+        .unwrap()
+        .routes[0]
+            .clone();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut s = RetryLayer::new(&route).layer(svc(503, calls.clone()));
+        let post = Request::post("/").body(Bytes::new()).unwrap();
+        assert_eq!(s.call(post).await.unwrap().status(), 503);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let get = Request::get("/").body(Bytes::new()).unwrap();
+        assert_eq!(s.call(get).await.unwrap().status(), 503);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 }
