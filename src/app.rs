@@ -12,7 +12,13 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, Readiness};
 use crate::client::HttpClient;
 use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::proxy::defer::{now_ms, Deferrer};
 use crate::proxy::{server, Proxy};
+use crate::queue::{JobStore, RedbStore};
+use std::collections::HashMap;
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -28,6 +34,8 @@ pub enum AppError {
     AdminToken { addr: SocketAddr, var: String },
     #[error("storage backend `nats` is not available in this build; use `redb`")]
     BackendUnavailable,
+    #[error("cannot open the job store: {0}")]
+    Store(#[from] crate::queue::StoreError),
 }
 
 pub struct App {
@@ -37,6 +45,7 @@ pub struct App {
     stop: CancellationToken,
     proxy_task: JoinHandle<hyper_util::server::graceful::GracefulShutdown>,
     admin_task: JoinHandle<()>,
+    tasks: TaskTracker,
     grace: Duration,
 }
 
@@ -64,8 +73,34 @@ impl App {
             return Err(AppError::BackendUnavailable);
         }
         let client = HttpClient::new()?;
-        let proxy = Arc::new(Proxy::new(&config, client));
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
 
+        // Storage opens (and recovers in-flight jobs) before anything listens, so
+        // readiness never reports a proxy that cannot keep its 202 promise.
+        let deferrable: Vec<_> = config
+            .routes
+            .iter()
+            .filter(|r| r.deferrable)
+            .cloned()
+            .collect();
+        let store: Option<Arc<dyn JobStore>> = if deferrable.is_empty() {
+            None
+        } else {
+            let path = config.storage.path.clone();
+            let cache = config.storage.cache_size;
+            let store = tokio::task::spawn_blocking(move || RedbStore::open(&path, cache))
+                .await
+                .map_err(|e| crate::queue::StoreError::Unavailable(e.to_string()))??;
+            Some(Arc::new(store))
+        };
+
+        let wake: Option<HashMap<String, Arc<Notify>>> = store.as_ref().map(|_| {
+            deferrable
+                .iter()
+                .map(|r| (r.name.clone(), Arc::new(Notify::new())))
+                .collect()
+        });
         let bind = |name: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -88,8 +123,16 @@ impl App {
                 source,
             })?;
 
-        let stop = CancellationToken::new();
         let ready = Readiness::default();
+        let deferrer = match (&store, &wake) {
+            (Some(store), Some(wake)) => Some(Arc::new(Deferrer {
+                store: store.clone(),
+                admin_base: format!("http://{admin_addr}"),
+                wake: wake.clone(),
+            })),
+            _ => None,
+        };
+        let proxy = Arc::new(Proxy::new(&config, client.clone(), deferrer));
         let proxy_task = tokio::spawn(server::serve(
             proxy_listener,
             proxy.clone(),
@@ -97,7 +140,7 @@ impl App {
             stop.clone(),
         ));
         let admin_stop = stop.clone();
-        let router = admin::router(ready.clone());
+        let router = admin::router(ready.clone(), store.clone());
         let admin_task = tokio::spawn(async move {
             let serve = axum::serve(admin_listener, router)
                 .with_graceful_shutdown(async move { admin_stop.cancelled().await });
@@ -105,6 +148,24 @@ impl App {
                 tracing::error!(error = %e, "admin listener failed");
             }
         });
+
+        if let (Some(store), Some(wake)) = (&store, &wake) {
+            for route in &deferrable {
+                let Some(w) = wake.get(&route.name) else {
+                    continue;
+                };
+                let d = Dispatcher::new(
+                    store.clone(),
+                    route.clone(),
+                    client.clone(),
+                    w.clone(),
+                    stop.clone(),
+                    tasks.clone(),
+                );
+                tasks.spawn(d.run());
+            }
+            tasks.spawn(purge(store.clone(), stop.clone()));
+        }
 
         report("proxy", proxy_addr);
         report("admin", admin_addr);
@@ -117,6 +178,7 @@ impl App {
             stop,
             proxy_task,
             admin_task,
+            tasks,
             grace: config.shutdown_grace,
         })
     }
@@ -140,5 +202,21 @@ impl App {
             tracing::warn!(grace = ?self.grace, "shutdown grace ran out with requests in flight");
         }
         drained
+    }
+}
+
+/// Removes delivered jobs and idempotency keys past their window, in small batches so
+/// accepts never wait behind one long transaction.
+async fn purge(store: Arc<dyn JobStore>, stop: CancellationToken) {
+    loop {
+        match store.purge_expired(now_ms(), 500).await {
+            Ok(n) if n >= 500 => continue,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "purge of expired jobs failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }

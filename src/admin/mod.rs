@@ -9,6 +9,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::queue::JobStore;
+
 /// Ready once listeners and storage are up; false again while draining.
 #[derive(Clone, Default)]
 pub struct Readiness(Arc<AtomicBool>);
@@ -22,7 +24,13 @@ impl Readiness {
     }
 }
 
-pub fn router(ready: Readiness) -> Router {
+#[derive(Clone)]
+struct AdminState {
+    ready: Readiness,
+    store: Option<Arc<dyn JobStore>>,
+}
+
+pub fn router(ready: Readiness, store: Option<Arc<dyn JobStore>>) -> Router {
     Router::new()
         .route(
             "/healthz",
@@ -35,11 +43,18 @@ pub fn router(ready: Readiness) -> Router {
                 Json(json!({ "error": "not_found", "message": "no such admin endpoint" })),
             )
         })
-        .with_state(ready)
+        .with_state(AdminState { ready, store })
 }
 
-async fn readyz(State(ready): State<Readiness>) -> (StatusCode, Json<serde_json::Value>) {
-    if ready.get() {
+async fn readyz(State(st): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
+    let storage_ok = st.store.as_ref().is_none_or(|s| s.healthy());
+    if !storage_ok {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not_ready", "reason": "storage_unavailable" })),
+        );
+    }
+    if st.ready.get() {
         (StatusCode::OK, Json(json!({ "status": "ready" })))
     } else {
         (

@@ -2,6 +2,7 @@
 //! limits, then hand the request to the route's stack; every refusal goes through
 //! `rescue`. The data flow is drawn in `lib.rs`.
 
+pub mod defer;
 pub mod headers;
 pub mod passthrough;
 pub mod rescue;
@@ -34,7 +35,7 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, tower::BoxErro
 #[derive(Clone)]
 pub enum Handler {
     Passthrough(BoxHttp),
-    /// Durable deferral is built with the queue; until then such routes say so.
+    /// Answer 202 once stored; delivery happens later.
     Deferred,
 }
 
@@ -44,10 +45,15 @@ pub struct Proxy {
     unmatched: Option<BoxHttp>,
     limits: crate::config::Limits,
     tunnels: Arc<tokio::sync::Semaphore>,
+    deferrer: Option<Arc<defer::Deferrer>>,
 }
 
 impl Proxy {
-    pub fn new(config: &Config, client: HttpClient) -> Self {
+    pub fn new(
+        config: &Config,
+        client: HttpClient,
+        deferrer: Option<Arc<defer::Deferrer>>,
+    ) -> Self {
         let routes = config
             .routes
             .iter()
@@ -67,6 +73,7 @@ impl Proxy {
             unmatched,
             limits: config.limits.clone(),
             tunnels: Arc::new(tokio::sync::Semaphore::new(config.limits.max_tunnels)),
+            deferrer,
         }
     }
 
@@ -151,14 +158,20 @@ impl Proxy {
             route_name.push_str("unmatched");
         }
 
-        let Handler::Passthrough(svc) = handler else {
-            return Err(ProxyError::NotImplemented(
-                "deferrable routes need the durable queue, which this build does not have yet",
-            ));
-        };
-
         let mut upstream_req = self.buffer(req).await?;
         rewrite(&mut upstream_req, route.map(|r| &**r), &target)?;
+
+        let svc = match (handler, route, &self.deferrer) {
+            (Handler::Passthrough(svc), _, _) => svc,
+            (Handler::Deferred, Some(route), Some(deferrer)) => {
+                return Ok(deferrer.accept(route, upstream_req).await);
+            }
+            (Handler::Deferred, _, _) => {
+                return Err(ProxyError::NotImplemented(
+                    "deferral needs storage, which is not open",
+                ));
+            }
+        };
         upstream_req.extensions_mut().insert(attempts.clone());
 
         let mut svc = svc;

@@ -54,6 +54,55 @@ pub struct Spillway {
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub log: PathBuf,
+    runs: usize,
+}
+
+fn spawn(dir: &std::path::Path, run: usize) -> (Child, SocketAddr, SocketAddr, PathBuf) {
+    let cfg = dir.join("spillway.yaml");
+    let log = dir.join(format!("spillway-{run}.log"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .env("SPILLWAY_LOG_FORMAT", "json")
+        .env("SPILLWAY_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut proxy, mut admin) = (None, None);
+    let deadline = tokio::time::Instant::now() + patience();
+    while proxy.is_none() || admin.is_none() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(l) => l,
+            Err(_) => panic!(
+                "spillway did not report its listeners; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        };
+        let v: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if v["event"] == "listening" {
+            let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+            match v["name"].as_str() {
+                Some("proxy") => proxy = Some(addr),
+                Some("admin") => admin = Some(addr),
+                _ => {}
+            }
+        }
+    }
+    (child, proxy.unwrap(), admin.unwrap(), log)
 }
 
 impl Spillway {
@@ -62,58 +111,34 @@ impl Spillway {
     pub fn start(yaml: &str) -> Spillway {
         let dir = tempfile::tempdir().unwrap();
         let yaml = yaml.replace("{data}", &dir.path().display().to_string());
-        let cfg = dir.path().join("spillway.yaml");
-        std::fs::write(&cfg, yaml).unwrap();
-        let log = dir.path().join("spillway.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spillway"))
-            .args(["run", "-c"])
-            .arg(&cfg)
-            .env("SPILLWAY_LOG_FORMAT", "json")
-            .env("SPILLWAY_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let (mut proxy, mut admin) = (None, None);
-        let deadline = tokio::time::Instant::now() + patience();
-        while proxy.is_none() || admin.is_none() {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(l) => l,
-                Err(_) => panic!(
-                    "spillway did not report its listeners; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                ),
-            };
-            let v: serde_json::Value = match serde_json::from_str(&line) {
-                Ok(v) => v,
-                Err(_) => continue,
-            };
-            if v["event"] == "listening" {
-                let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
-                match v["name"].as_str() {
-                    Some("proxy") => proxy = Some(addr),
-                    Some("admin") => admin = Some(addr),
-                    _ => {}
-                }
-            }
-        }
+        std::fs::write(dir.path().join("spillway.yaml"), yaml).unwrap();
+        let (child, proxy, admin, log) = spawn(dir.path(), 0);
         Spillway {
             child,
-            proxy: proxy.unwrap(),
-            admin: admin.unwrap(),
+            proxy,
+            admin,
             dir,
             log,
+            runs: 1,
         }
+    }
+
+    /// SIGKILL: no drain, no flush; what was committed must be enough.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the process if it still runs, then starts it again on the same config and
+    /// data directory (new ports).
+    pub fn restart(&mut self) {
+        self.kill9();
+        let (child, proxy, admin, log) = spawn(self.dir.path(), self.runs);
+        self.runs += 1;
+        self.child = child;
+        self.proxy = proxy;
+        self.admin = admin;
+        self.log = log;
     }
 
     pub fn pid(&self) -> i32 {
@@ -204,6 +229,7 @@ pub struct Recorded {
     pub uri: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    pub at: tokio::time::Instant,
 }
 
 type Script = dyn Fn(usize, &Recorded) -> Action + Send + Sync;
@@ -248,6 +274,7 @@ impl FlakyUpstream {
                                 uri: parts.uri.to_string(),
                                 headers: parts.headers,
                                 body,
+                                at: tokio::time::Instant::now(),
                             };
                             let n = count.fetch_add(1, Ordering::SeqCst);
                             let action = script(n, &rec);
@@ -335,25 +362,29 @@ impl Answer {
 /// Sends one request over a fresh HTTP/1.1 connection to `addr`. The URI is written as
 /// given, so an absolute URI makes an HTTP_PROXY-style request.
 pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
-    let stream = TcpStream::connect(addr).await.unwrap();
+    try_send(addr, req)
+        .await
+        .expect("the request got no answer")
+}
+
+/// Like [`send`], but `None` when the connection fails or closes without an answer
+/// (the process was killed).
+pub async fn try_send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Option<Answer> {
+    let stream = TcpStream::connect(addr).await.ok()?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .unwrap();
+        .ok()?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
-    let rsp = tx.send_request(req).await.unwrap();
+    let rsp = tx.send_request(req).await.ok()?;
     let (parts, body) = rsp.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    Answer {
+    let body = body.collect().await.ok()?.to_bytes();
+    Some(Answer {
         status: parts.status.as_u16(),
         headers: parts.headers,
         body,
-    }
+    })
 }
 
 pub fn get(uri: &str, host: &str) -> Request<Full<Bytes>> {

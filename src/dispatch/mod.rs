@@ -1,0 +1,371 @@
+//! Delivery: one dispatcher per deferrable route leases due jobs, sends each with the
+//! same idempotency key under the route's rate limit and concurrency, and records the
+//! verdict. The loop sleeps until the next due job, a wake-up or shutdown.
+
+pub mod classify;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use governor::{Quota, RateLimiter};
+use http::{HeaderName, HeaderValue, Request};
+use http_body_util::BodyExt;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::client::HttpClient;
+use crate::config::RouteConfig;
+use crate::proxy::defer::now_ms;
+use crate::queue::{Job, JobStore, LastOutcome, BODY_PREFIX_MAX};
+use classify::{classify, Outcome, Verdict};
+
+/// How long the loop waits before looking again after a storage error.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+/// The longest the loop sleeps without looking (paused routes, clock jumps).
+const MAX_IDLE: Duration = Duration::from_secs(5);
+
+pub struct Dispatcher {
+    store: Arc<dyn JobStore>,
+    route: Arc<RouteConfig>,
+    client: HttpClient,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+    limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
+    slots: Arc<Semaphore>,
+    tasks: TaskTracker,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        route: Arc<RouteConfig>,
+        client: HttpClient,
+        wake: Arc<Notify>,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        let limiter = route.rate_limit.map(|r| {
+            Arc::new(RateLimiter::direct(
+                Quota::per_second(r.per_second).allow_burst(r.burst),
+            ))
+        });
+        let slots = Arc::new(Semaphore::new(route.concurrency.get() as usize));
+        Dispatcher {
+            store,
+            route,
+            client,
+            wake,
+            stop,
+            limiter,
+            slots,
+            tasks,
+        }
+    }
+
+    pub async fn run(self) {
+        let name = self.route.name.clone();
+        tracing::info!(route = %name, "dispatcher started");
+        while !self.stop.is_cancelled() {
+            let wait = match self.deliver_due().await {
+                Ok(wait) => wait,
+                Err(e) => {
+                    tracing::warn!(route = %name, error = %e, "delivery paused by a storage error");
+                    Some(STORE_RETRY)
+                }
+            };
+            let Some(wait) = wait else { continue };
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(MAX_IDLE)) => {}
+                _ = self.wake.notified() => {}
+                _ = self.stop.cancelled() => {}
+            }
+        }
+        tracing::info!(route = %name, "dispatcher stopped");
+    }
+
+    /// Starts what is due; returns how long to wait before looking again, or `None` to
+    /// look again at once.
+    async fn deliver_due(&self) -> Result<Option<Duration>, crate::queue::StoreError> {
+        let now = now_ms();
+        let (paused, until) = self.store.route_control(&self.route.name).await?;
+        if paused {
+            return Ok(Some(MAX_IDLE));
+        }
+        if let Some(until) = until.filter(|u| *u > now) {
+            return Ok(Some(Duration::from_millis(until - now)));
+        }
+        match self.store.next_due(&self.route.name).await? {
+            None => return Ok(Some(MAX_IDLE)),
+            Some(due) if due > now => return Ok(Some(Duration::from_millis(due - now))),
+            Some(_) => {}
+        }
+        // Wait for a free slot rather than leasing work we cannot start.
+        let first = tokio::select! {
+            p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Ok(None) },
+            _ = self.stop.cancelled() => return Ok(None),
+        };
+        let mut want = 1 + self.slots.available_permits();
+        if let Some(wait) = self.take_quota(&mut want, now).await? {
+            return Ok(Some(wait));
+        }
+        let jobs = self.store.lease_due(&self.route.name, now, want).await?;
+        if jobs.is_empty() {
+            return Ok(Some(Duration::from_millis(50)));
+        }
+        let mut first = Some(first);
+        for job in jobs {
+            let permit = match first.take() {
+                Some(p) => p,
+                None => match self.slots.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let attempt = Attempt {
+                store: self.store.clone(),
+                route: self.route.clone(),
+                client: self.client.clone(),
+                limiter: self.limiter.clone(),
+                wake: self.wake.clone(),
+            };
+            let span = tracing::info_span!("dispatch.attempt", route = %self.route.name, job_id = %job.id, attempt = job.attempts);
+            self.tasks.spawn(
+                async move {
+                    attempt.run(job).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+        Ok(None)
+    }
+
+    /// Takes up to `want` units of every quota; a quota that is spent returns how long
+    /// until its window opens. Counts live in storage, so a restart does not reset them.
+    async fn take_quota(
+        &self,
+        want: &mut usize,
+        now: u64,
+    ) -> Result<Option<Duration>, crate::queue::StoreError> {
+        if self.route.quotas.is_empty() {
+            return Ok(None);
+        }
+        let mut granted = 0;
+        'units: while granted < *want {
+            for (i, q) in self.route.quotas.iter().enumerate() {
+                let per = u64::try_from(q.per.as_millis()).unwrap_or(u64::MAX);
+                if let Some(at) = self
+                    .store
+                    .quota_acquire(&self.route.name, i, per, q.limit.get(), now)
+                    .await?
+                {
+                    if granted == 0 {
+                        tracing::info!(route = %self.route.name, quota = i, "quota spent; waiting for its window");
+                        return Ok(Some(Duration::from_millis(at.saturating_sub(now).max(1))));
+                    }
+                    break 'units;
+                }
+            }
+            granted += 1;
+        }
+        *want = granted;
+        Ok(None)
+    }
+}
+
+/// One delivery attempt of one leased job.
+struct Attempt {
+    store: Arc<dyn JobStore>,
+    route: Arc<RouteConfig>,
+    client: HttpClient,
+    limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
+    wake: Arc<Notify>,
+}
+
+impl Attempt {
+    async fn run(self, job: Job) {
+        let route = &self.route;
+        let policy = &route.retry;
+        let id = job.id;
+        let now = now_ms();
+        let age = Duration::from_millis(now.saturating_sub(job.created_at_ms));
+        // The attempt was counted when leased: more than allowed means earlier attempts
+        // died with the process, so this job may be what kills it.
+        let verdict = if job.attempts > policy.max_attempts.get() {
+            Verdict::Dead {
+                reason: "crash_loop".into(),
+            }
+        } else if policy.max_age.is_some_and(|m| age > m) {
+            Verdict::Dead {
+                reason: "max_age".into(),
+            }
+        } else {
+            return self.send(job).await;
+        };
+        self.record(id, job.attempts, verdict, None).await;
+    }
+
+    async fn send(self, job: Job) {
+        if let Some(l) = &self.limiter {
+            l.until_ready().await;
+        }
+        let id = job.id;
+        let attempts = job.attempts;
+        let age = Duration::from_millis(now_ms().saturating_sub(job.created_at_ms));
+        let req = match self.build(&job) {
+            Ok(r) => r,
+            Err(e) => {
+                let v = Verdict::Dead {
+                    reason: format!("unsendable: {e}"),
+                };
+                return self.record(id, attempts, v, None).await;
+            }
+        };
+        let timeout = self.route.timeout;
+        let started = tokio::time::Instant::now();
+        let result = tokio::time::timeout(timeout, self.client.send(req)).await;
+        let (outcome, last) = match result {
+            Err(_) => (
+                Outcome::Failed(crate::config::FailureClass::Timeout),
+                LastOutcome {
+                    error: Some(format!("no answer within {timeout:?}")),
+                    at_ms: now_ms(),
+                    ..LastOutcome::default()
+                },
+            ),
+            Ok(Err(e)) => (
+                Outcome::Failed(e.class),
+                LastOutcome {
+                    error: Some(e.message),
+                    at_ms: now_ms(),
+                    ..LastOutcome::default()
+                },
+            ),
+            Ok(Ok(rsp)) => {
+                let (parts, body) = rsp.into_parts();
+                let prefix = body_prefix(body).await;
+                let last = LastOutcome {
+                    status: Some(parts.status.as_u16()),
+                    headers: parts
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
+                        .collect(),
+                    body_prefix: prefix,
+                    error: None,
+                    at_ms: now_ms(),
+                };
+                let status = parts.status.as_u16();
+                let verdict = classify(
+                    &Outcome::Response {
+                        status,
+                        headers: &parts.headers,
+                    },
+                    &self.route.retry,
+                    attempts,
+                    age,
+                    SystemTime::now(),
+                );
+                tracing::info!(route = %self.route.name, job_id = %id, attempt = attempts, status, elapsed_ms = started.elapsed().as_millis() as u64, "delivery attempt");
+                return self.record(id, attempts, verdict, Some(last)).await;
+            }
+        };
+        let verdict = classify(
+            &outcome,
+            &self.route.retry,
+            attempts,
+            age,
+            SystemTime::now(),
+        );
+        tracing::info!(route = %self.route.name, job_id = %id, attempt = attempts, error = last.error.as_deref().unwrap_or(""), "delivery attempt failed");
+        self.record(id, attempts, verdict, Some(last)).await;
+    }
+
+    fn build(&self, job: &Job) -> Result<Request<Bytes>, http::Error> {
+        let mut b = Request::builder()
+            .method(job.method.as_str())
+            .uri(job.uri.as_str());
+        let uri: http::Uri = job.uri.parse()?;
+        if let Some(auth) = uri.authority() {
+            b = b.header(http::header::HOST, auth.as_str());
+        }
+        for (k, v) in &job.headers {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_bytes(v),
+            ) {
+                b = b.header(k, v);
+            }
+        }
+        // The same key on every attempt, byte for byte: the upstream's dedupe relies on it.
+        b = b.header(&self.route.idempotency.header, job.idempotency_key.as_str());
+        b.body(job.body.clone())
+    }
+
+    async fn record(
+        &self,
+        id: crate::queue::JobId,
+        attempts: u32,
+        verdict: Verdict,
+        last: Option<LastOutcome>,
+    ) {
+        let route = &self.route.name;
+        let result = match verdict {
+            Verdict::Delivered => {
+                tracing::info!(%route, job_id = %id, attempts, "delivered");
+                self.store.ack(id, now_ms()).await
+            }
+            Verdict::Retry {
+                after,
+                reason,
+                pause_route,
+            } => {
+                let now = now_ms();
+                let next = now + u64::try_from(after.as_millis()).unwrap_or(u64::MAX / 2);
+                if let Some(pause) = pause_route {
+                    let until = now + u64::try_from(pause.as_millis()).unwrap_or(0);
+                    tracing::info!(%route, ?pause, "upstream asked to back off; pausing the route");
+                    if let Err(e) = self.store.pause_until(route, until).await {
+                        tracing::warn!(%route, error = %e, "could not persist the route pause");
+                    }
+                }
+                tracing::info!(%route, job_id = %id, attempts, %reason, ?after, "will retry");
+                self.store
+                    .reschedule(id, next, last.unwrap_or_default())
+                    .await
+            }
+            Verdict::Dead { reason } => {
+                tracing::warn!(%route, job_id = %id, attempts, %reason, "dead-lettered");
+                self.store.dead_letter(id, reason, last).await
+            }
+        };
+        if let Err(e) = result {
+            // The job stays in_flight in storage and is delivered again after a restart.
+            tracing::error!(%route, job_id = %id, error = %e, "could not record a delivery outcome");
+        }
+        self.wake.notify_one();
+    }
+}
+
+/// The first [`BODY_PREFIX_MAX`] bytes of a response body, for the dead-letter record.
+async fn body_prefix(mut body: crate::proxy::Body) -> Vec<u8> {
+    let mut out = Vec::new();
+    let read = async {
+        while out.len() < BODY_PREFIX_MAX {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        let take = data.len().min(BODY_PREFIX_MAX - out.len());
+                        out.extend_from_slice(&data[..take]);
+                    }
+                }
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+    out
+}
