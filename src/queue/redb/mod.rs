@@ -51,7 +51,12 @@ fn open_error(path: &Path, e: DatabaseError) -> StoreError {
         DatabaseError::DatabaseAlreadyOpen => StoreError::AlreadyOpen {
             path: path.to_path_buf(),
         },
-        DatabaseError::Storage(redb::StorageError::Io(io)) => {
+        DatabaseError::Storage(redb::StorageError::Io(io))
+            if !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
             StoreError::Unavailable(format!("{}: {io}", path.display()))
         }
         other => StoreError::Corrupt {
