@@ -536,3 +536,116 @@ fn job_id_round_trips_and_orders() {
     }
     assert_eq!(JobState::InFlight.as_str(), "in_flight");
 }
+
+// === fault injection ===
+
+/// A file backend whose writes and syncs fail while `fail` is set.
+#[derive(Debug)]
+struct FlakyBackend {
+    inner: ::redb::backends::FileBackend,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlakyBackend {
+    fn check(&self) -> std::io::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(std::io::Error::other("injected I/O failure"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+type Bound = std::ops::Bound<u64>;
+
+impl ::redb::StorageBackend for FlakyBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.inner.close()
+    }
+    fn try_lock_range(&self, s: Bound, e: Bound) -> Result<bool, ::redb::BackendError> {
+        self.inner.try_lock_range(s, e)
+    }
+    fn try_lock_shared_range(&self, s: Bound, e: Bound) -> Result<bool, ::redb::BackendError> {
+        self.inner.try_lock_shared_range(s, e)
+    }
+    fn lock_range(&self, s: Bound, e: Bound) -> Result<(), ::redb::BackendError> {
+        self.inner.lock_range(s, e)
+    }
+    fn lock_shared_range(&self, s: Bound, e: Bound) -> Result<(), ::redb::BackendError> {
+        self.inner.lock_shared_range(s, e)
+    }
+    fn unlock_range(&self, s: Bound, e: Bound) -> Result<(), ::redb::BackendError> {
+        self.inner.unlock_range(s, e)
+    }
+    fn query_lock_range(&self, s: Bound, e: Bound) -> Result<bool, ::redb::BackendError> {
+        self.inner.query_lock_range(s, e)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_commit_answers_unavailable_then_store_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = fail.clone();
+    let opener: redb::Opener = Arc::new(move |path, cache| {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        ::redb::Builder::new()
+            .set_cache_size(cache)
+            .create_with_backend(FlakyBackend {
+                inner: ::redb::backends::FileBackend::new(file)?,
+                fail: flag.clone(),
+            })
+    });
+    let s = RedbStore::open_with(&path, 1 << 20, opener).unwrap();
+    let kept = stored(&s, job("r", "kept", "b", 1)).await;
+    assert!(s.healthy());
+
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lost = job("r", "lost", "b", 2);
+    match s.enqueue(lost.clone(), WINDOW, DEEP).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("a failed commit must not be Stored: {other:?}"),
+    }
+    assert!(!s.healthy());
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+
+    // The store reopens at most once per REOPEN_EVERY; it recovers soon after the disk does.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let id = loop {
+        match s.enqueue(lost.clone(), WINDOW, DEEP).await {
+            Ok(EnqueueOutcome::Stored(id)) => break id.into_inner(),
+            Err(StoreError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => panic!("store did not recover: {other:?}"),
+        }
+    };
+    assert_eq!(id, lost.id);
+    assert!(s.healthy());
+    assert_eq!(s.get(kept).await.unwrap().unwrap().state, JobState::Queued);
+    assert_eq!(s.stats("r").await.unwrap().queued, 2);
+}

@@ -6,12 +6,13 @@
 //! [`StoreError::Unavailable`] if it did not. After a storage failure the store is marked
 //! unhealthy and the database is reopened on a later batch, at most once per [`REOPEN_EVERY`].
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use redb::{Database, Durability, WriteTransaction};
+use redb::{Database, DatabaseError, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -30,6 +31,16 @@ pub(super) struct Shared {
     pub commits: AtomicU64,
     pub path: std::path::PathBuf,
     pub cache_size: usize,
+    /// Opens the database read-write; tests swap in a fault-injecting storage backend.
+    pub opener: Opener,
+}
+
+/// How the read-write database is opened (at start and on every reopen).
+pub type Opener = Arc<dyn Fn(&Path, usize) -> Result<Database, DatabaseError> + Send + Sync>;
+
+/// The plain file opener.
+pub fn file_opener() -> Opener {
+    Arc::new(|path, cache_size| redb::Builder::new().set_cache_size(cache_size).create(path))
 }
 
 impl Shared {
@@ -151,10 +162,8 @@ where
 }
 
 /// Opens the database file at `shared.path` (no checks; those ran at first open).
-pub(super) fn open_database(shared: &Shared) -> Result<Database, redb::DatabaseError> {
-    redb::Builder::new()
-        .set_cache_size(shared.cache_size)
-        .create(&shared.path)
+pub(super) fn open_database(shared: &Shared) -> Result<Database, DatabaseError> {
+    (shared.opener)(&shared.path, shared.cache_size)
 }
 
 /// The writer loop; returns when every sender is gone.

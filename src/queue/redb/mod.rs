@@ -27,6 +27,7 @@ use super::{
     StoreError,
 };
 
+pub(crate) use self::commit::Opener;
 pub use self::commit::MAX_BATCH;
 
 /// Requests that may wait for the writer; an enqueue beyond this answers `Busy`.
@@ -158,6 +159,15 @@ impl RedbStore {
     /// A file that is not a redb database, or one written by a newer schema, is refused and left
     /// byte-identical. Jobs left in_flight by a crash become queued again, due now.
     pub fn open(path: impl AsRef<Path>, cache_size_bytes: usize) -> Result<Self, StoreError> {
+        Self::open_with(path, cache_size_bytes, commit::file_opener())
+    }
+
+    /// [`Self::open`] with another way to open the read-write database (fault injection).
+    pub(crate) fn open_with(
+        path: impl AsRef<Path>,
+        cache_size_bytes: usize,
+        opener: Opener,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let unavailable =
             |e: std::io::Error| StoreError::Unavailable(format!("{}: {e}", path.display()));
@@ -186,10 +196,7 @@ impl RedbStore {
         } else {
             create_private_file(&path).map_err(unavailable)?;
         }
-        let db = redb::Builder::new()
-            .set_cache_size(cache_size_bytes)
-            .create(&path)
-            .map_err(|e| open_error(&path, e))?;
+        let db = opener(&path, cache_size_bytes).map_err(|e| open_error(&path, e))?;
         let found = db
             .begin_read()
             .map_err(|e| tx_open_error(&path, e.into()))
@@ -212,6 +219,7 @@ impl RedbStore {
             commits: AtomicU64::new(0),
             path,
             cache_size: cache_size_bytes,
+            opener,
         });
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let writer_shared = shared.clone();
