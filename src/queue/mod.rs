@@ -21,22 +21,25 @@
 //! # State machine
 //!
 //! ```text
-//!             enqueue
-//!                │
-//!                ▼
-//!            ┌────────┐  lease_due   ┌───────────┐   ack    ┌───────────┐
-//!            │ queued │ ───────────▶ │ in_flight │ ───────▶ │ delivered │ ── purge after
-//!            └────────┘              └───────────┘          └───────────┘    dedupe window
-//!                ▲                     │   ▲    │
-//!   reopen after │          reschedule │   │    │ dead_letter
-//!   a crash      │                     ▼   │    ▼
-//!   (in_flight ──┘)              ┌──────────┐ lease_due ┌──────┐
-//!                                │ retrying │ ─────────▶│ dead │ ── retry / replay_dead ─▶ retrying
-//!                                └──────────┘           └──────┘
+//!            enqueue
+//!               │
+//!               ▼
+//!          ┌────────┐  lease_due   ┌───────────┐     ack     ┌───────────┐
+//!          │ queued │ ───────────▶ │ in_flight │ ──────────▶ │ delivered │ ──▶ purged after
+//!          └────────┘              └───────────┘             └───────────┘     the dedupe window
+//!               ▲                   │    ▲     │
+//!   open after  │        reschedule │    │     │ dead_letter
+//!   a crash ────┘                   ▼    │     ▼
+//!   (in_flight)               ┌──────────┴┐   ┌──────┐
+//!                             │ retrying  │◀──│ dead │
+//!                             └───────────┘   └──────┘
+//!                               lease_due   retry, replay_dead
 //! ```
 //!
-//! (`lease_due` takes `retrying` back to `in_flight`; `dead_letter` may also be applied to a
-//! `queued` or `retrying` job; `delete` removes a job in any state.)
+//! `lease_due` takes due `queued` and `retrying` jobs to `in_flight`. `dead_letter` also applies
+//! to `queued` and `retrying` jobs; `retry` also makes a `retrying` job due at once. `delete`
+//! removes a job in any state. `reschedule` and `dead_letter` leave `delivered` and `dead` jobs
+//! alone, so a late answer cannot undo an admin action or a delivery.
 //!
 //! # Tables (redb, see `redb/schema.rs`)
 //!
@@ -188,14 +191,19 @@ impl fmt::Display for JobState {
     }
 }
 
+/// A state name that is not one of [`JobState::ALL`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown job state {0:?} (expected queued, in_flight, retrying, delivered or dead)")]
+pub struct UnknownJobState(pub String);
+
 impl FromStr for JobState {
-    type Err = StoreError;
+    type Err = UnknownJobState;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         JobState::ALL
             .into_iter()
             .find(|st| st.as_str() == s)
-            .ok_or(StoreError::NotFound)
+            .ok_or_else(|| UnknownJobState(s.to_owned()))
     }
 }
 

@@ -544,10 +544,15 @@ fn job_id_round_trips_and_orders() {
 struct FlakyBackend {
     inner: ::redb::backends::FileBackend,
     fail: Arc<std::sync::atomic::AtomicBool>,
+    /// Makes every sync slow, to hold the writer inside a commit.
+    stall: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FlakyBackend {
     fn check(&self) -> std::io::Result<()> {
+        if self.stall.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
             Err(std::io::Error::other("injected I/O failure"))
         } else {
@@ -605,25 +610,10 @@ async fn failed_commit_answers_unavailable_then_store_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.redb");
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = fail.clone();
-    let opener: redb::Opener = Arc::new(move |path, cache| {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        ::redb::Builder::new()
-            .set_cache_size(cache)
-            .create_with_backend(FlakyBackend {
-                inner: ::redb::backends::FileBackend::new(file)?,
-                fail: flag.clone(),
-            })
-    });
-    let s = RedbStore::open_with(&path, 1 << 20, opener).unwrap();
+    let (opener, _) = flaky_opener(fail.clone());
+    let s = RedbStore::open_with(&path, 1 << 20, opener, 1024).unwrap();
     let kept = stored(&s, job("r", "kept", "b", 1)).await;
     assert!(s.healthy());
-
     fail.store(true, std::sync::atomic::Ordering::SeqCst);
     let lost = job("r", "lost", "b", 2);
     match s.enqueue(lost.clone(), WINDOW, DEEP).await {
@@ -648,4 +638,57 @@ async fn failed_commit_answers_unavailable_then_store_recovers() {
     assert!(s.healthy());
     assert_eq!(s.get(kept).await.unwrap().unwrap().state, JobState::Queued);
     assert_eq!(s.stats("r").await.unwrap().queued, 2);
+}
+
+/// An opener over [`FlakyBackend`]: failing while `fail` is set; the returned flag stalls syncs.
+fn flaky_opener(
+    fail: Arc<std::sync::atomic::AtomicBool>,
+) -> (redb::Opener, Arc<std::sync::atomic::AtomicBool>) {
+    let flag = fail;
+    let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stall2 = stall.clone();
+    let opener: redb::Opener = Arc::new(move |path, cache| {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        ::redb::Builder::new()
+            .set_cache_size(cache)
+            .create_with_backend(FlakyBackend {
+                inner: ::redb::backends::FileBackend::new(file)?,
+                fail: flag.clone(),
+                stall: stall.clone(),
+            })
+    });
+    (opener, stall2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_channel_answers_busy_without_queueing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let (opener, stall) = flaky_opener(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let s = Arc::new(RedbStore::open_with(&path, 1 << 20, opener, 1).unwrap());
+    stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.enqueue(job("r", &format!("k{i}"), "b", i), WINDOW, DEEP)
+                .await
+        }));
+    }
+    let (mut busy, mut ok) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Err(StoreError::Busy) => busy += 1,
+            Ok(EnqueueOutcome::Stored(_)) => ok += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    stall.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(busy > 0, "a full channel must answer Busy");
+    assert_eq!(s.stats("r").await.unwrap().queued, ok);
 }

@@ -159,7 +159,12 @@ impl RedbStore {
     /// A file that is not a redb database, or one written by a newer schema, is refused and left
     /// byte-identical. Jobs left in_flight by a crash become queued again, due now.
     pub fn open(path: impl AsRef<Path>, cache_size_bytes: usize) -> Result<Self, StoreError> {
-        Self::open_with(path, cache_size_bytes, commit::file_opener())
+        Self::open_with(
+            path,
+            cache_size_bytes,
+            commit::file_opener(),
+            CHANNEL_CAPACITY,
+        )
     }
 
     /// [`Self::open`] with another way to open the read-write database (fault injection).
@@ -167,6 +172,7 @@ impl RedbStore {
         path: impl AsRef<Path>,
         cache_size_bytes: usize,
         opener: Opener,
+        channel_capacity: usize,
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let unavailable =
@@ -221,7 +227,7 @@ impl RedbStore {
             cache_size: cache_size_bytes,
             opener,
         });
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (tx, rx) = mpsc::channel(channel_capacity.max(1));
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("spillway-queue-writer".into())
@@ -375,8 +381,8 @@ impl JobStore for RedbStore {
             if limit == 0 {
                 return Ok(out);
             }
-            let mut push = |id: u128, inclusive: bool| -> Result<bool, TxError> {
-                if !inclusive && id == upper && cursor.is_some() {
+            let mut push = |id: u128| -> Result<bool, TxError> {
+                if cursor.is_some() && id == upper {
                     return Ok(false);
                 }
                 if let Some(j) = ops::load_job(&jobs, JobId::from_u128(id))? {
@@ -393,7 +399,7 @@ impl JobStore for RedbStore {
                         .range((r.as_str(), 0u128)..=(r.as_str(), upper))?
                         .rev()
                     {
-                        if push(e?.0.value().1, false)? {
+                        if push(e?.0.value().1)? {
                             break;
                         }
                     }
@@ -401,7 +407,7 @@ impl JobStore for RedbStore {
                 None => {
                     let all = tx.open_table(schema::JOBS)?;
                     for e in all.range(0u128..=upper)?.rev() {
-                        if push(e?.0.value(), false)? {
+                        if push(e?.0.value())? {
                             break;
                         }
                     }
