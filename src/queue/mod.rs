@@ -346,6 +346,10 @@ pub struct RouteStats {
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
     /// Dedupe check, depth check and insert in one write transaction.
+    ///
+    /// A key is held while its job is pending or dead, and for `dedupe_window_ms` after the
+    /// job's delivery; `job.created_at_ms` serves as "now" for that check. Depth counts queued,
+    /// in_flight and retrying jobs of the route. `Err(Busy)` when the writer is saturated.
     async fn enqueue(
         &self,
         job: NewJob,
