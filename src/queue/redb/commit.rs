@@ -1,0 +1,258 @@
+//! The group-commit writer: one thread owns every write transaction.
+//!
+//! Callers send a [`Request`] over a bounded channel. The writer takes everything waiting (up to
+//! [`MAX_BATCH`]), applies it all in one write transaction with immediate durability, commits
+//! once, then answers every waiter: with its own result if the commit returned, or with
+//! [`StoreError::Unavailable`] if it did not. After a storage failure the store is marked
+//! unhealthy and the database is reopened on a later batch, at most once per [`REOPEN_EVERY`].
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use redb::{Database, DatabaseError, Durability, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::ops::TxError;
+use crate::queue::StoreError;
+
+/// Most requests applied in one write transaction.
+pub const MAX_BATCH: usize = 256;
+/// Least time between two attempts to reopen a failed database.
+pub const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+/// State shared by the writer thread and the readers.
+pub(super) struct Shared {
+    pub db: RwLock<Option<Arc<Database>>>,
+    pub healthy: AtomicBool,
+    pub commits: AtomicU64,
+    pub path: std::path::PathBuf,
+    pub cache_size: usize,
+    /// Opens the database read-write; tests swap in a fault-injecting storage backend.
+    pub opener: Opener,
+}
+
+/// How the read-write database is opened (at start and on every reopen).
+pub type Opener = Arc<dyn Fn(&Path, usize) -> Result<Database, DatabaseError> + Send + Sync>;
+
+/// The plain file opener.
+pub fn file_opener() -> Opener {
+    Arc::new(|path, cache_size| redb::Builder::new().set_cache_size(cache_size).create(path))
+}
+
+impl Shared {
+    pub fn corrupt(&self, message: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    pub fn map_tx_error(&self, e: TxError) -> StoreError {
+        match e {
+            TxError::Store(e) => e,
+            TxError::Decode(m) => self.corrupt(m),
+            TxError::Storage(e) => storage_error(&e),
+        }
+    }
+}
+
+/// One storage error as the caller sees it.
+pub(super) fn storage_error(e: &redb::Error) -> StoreError {
+    match e {
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => StoreError::Full,
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// How a batch ended, for answering each of its waiters.
+#[derive(Clone, Debug)]
+pub(super) enum BatchEnd {
+    Committed,
+    Failed { full: bool, message: String },
+}
+
+impl BatchEnd {
+    fn error(&self) -> Option<StoreError> {
+        match self {
+            BatchEnd::Committed => None,
+            BatchEnd::Failed { full: true, .. } => Some(StoreError::Full),
+            BatchEnd::Failed { message, .. } => Some(StoreError::Unavailable(message.clone())),
+        }
+    }
+
+    fn from_error(e: &redb::Error) -> Self {
+        match storage_error(e) {
+            StoreError::Full => BatchEnd::Failed {
+                full: true,
+                message: e.to_string(),
+            },
+            _ => BatchEnd::Failed {
+                full: false,
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+/// One waiter's work in a batch.
+pub(super) trait Request: Send {
+    /// Applies the work; an `Err` is storage trouble that fails the whole batch.
+    fn apply(&mut self, tx: &WriteTransaction, shared: &Shared) -> Result<(), redb::Error>;
+    /// Answers the waiter once the batch ended.
+    fn finish(self: Box<Self>, end: &BatchEnd);
+}
+
+pub(super) type BoxRequest = Box<dyn Request>;
+
+/// A request made from a closure; its result is sent only after the batch ended.
+pub(super) struct Pending<R, F> {
+    work: Option<F>,
+    result: Option<Result<R, StoreError>>,
+    reply: oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<R, F> Pending<R, F>
+where
+    R: Send + 'static,
+    F: FnOnce(&WriteTransaction) -> Result<R, TxError> + Send + 'static,
+{
+    pub fn new(work: F) -> (Self, oneshot::Receiver<Result<R, StoreError>>) {
+        let (reply, rx) = oneshot::channel();
+        (
+            Self {
+                work: Some(work),
+                result: None,
+                reply,
+            },
+            rx,
+        )
+    }
+}
+
+impl<R, F> Request for Pending<R, F>
+where
+    R: Send + 'static,
+    F: FnOnce(&WriteTransaction) -> Result<R, TxError> + Send + 'static,
+{
+    fn apply(&mut self, tx: &WriteTransaction, shared: &Shared) -> Result<(), redb::Error> {
+        let Some(work) = self.work.take() else {
+            return Ok(());
+        };
+        match work(tx) {
+            Ok(r) => self.result = Some(Ok(r)),
+            Err(TxError::Storage(e)) => return Err(e),
+            Err(e) => self.result = Some(Err(shared.map_tx_error(e))),
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, end: &BatchEnd) {
+        let out = match (end.error(), self.result) {
+            (Some(e), _) => Err(e),
+            (None, Some(r)) => r,
+            (None, None) => Err(StoreError::Unavailable("request was not applied".into())),
+        };
+        // The waiter may have gone away (request cancelled); nothing to do then.
+        let _ = self.reply.send(out);
+    }
+}
+
+/// Opens the database file at `shared.path` (no checks; those ran at first open).
+pub(super) fn open_database(shared: &Shared) -> Result<Database, DatabaseError> {
+    (shared.opener)(&shared.path, shared.cache_size)
+}
+
+/// The writer loop; returns when every sender is gone.
+pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
+    let mut last_reopen: Option<Instant> = None;
+    let mut batch: Vec<BoxRequest> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let end = run_batch(&shared, &mut batch, &mut last_reopen);
+        for r in batch.drain(..) {
+            r.finish(&end);
+        }
+    }
+    shared.db.write().take();
+}
+
+fn current_db(shared: &Shared, last_reopen: &mut Option<Instant>) -> Result<Arc<Database>, String> {
+    if shared.healthy.load(Ordering::Acquire) {
+        if let Some(db) = shared.db.read().clone() {
+            return Ok(db);
+        }
+    }
+    if last_reopen.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+        return Err("the store failed and is waiting to reopen".into());
+    }
+    *last_reopen = Some(Instant::now());
+    // Drop our handle first so the file lock can be taken again.
+    shared.db.write().take();
+    match open_database(shared) {
+        Ok(db) => {
+            let db = Arc::new(db);
+            *shared.db.write() = Some(db.clone());
+            tracing::info!(path = %shared.path.display(), "job store reopened");
+            Ok(db)
+        }
+        Err(e) => {
+            tracing::warn!(path = %shared.path.display(), error = %e, "job store reopen failed");
+            Err(format!("reopen failed: {e}"))
+        }
+    }
+}
+
+fn run_batch(
+    shared: &Shared,
+    batch: &mut [BoxRequest],
+    last_reopen: &mut Option<Instant>,
+) -> BatchEnd {
+    let db = match current_db(shared, last_reopen) {
+        Ok(db) => db,
+        Err(message) => {
+            return BatchEnd::Failed {
+                full: false,
+                message,
+            }
+        }
+    };
+    match apply_and_commit(shared, &db, batch) {
+        Ok(()) => {
+            shared.commits.fetch_add(1, Ordering::AcqRel);
+            shared.healthy.store(true, Ordering::Release);
+            BatchEnd::Committed
+        }
+        Err(e) => {
+            tracing::error!(path = %shared.path.display(), error = %e, batch = batch.len(), "job store commit failed");
+            shared.healthy.store(false, Ordering::Release);
+            BatchEnd::from_error(&e)
+        }
+    }
+}
+
+fn apply_and_commit(
+    shared: &Shared,
+    db: &Database,
+    batch: &mut [BoxRequest],
+) -> Result<(), redb::Error> {
+    let mut tx = db.begin_write()?;
+    tx.set_durability(Durability::Immediate)?;
+    for r in batch.iter_mut() {
+        if let Err(e) = r.apply(&tx, shared) {
+            tx.abort()?;
+            return Err(e);
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,525 @@
+//! `RedbStore`: the embedded backend of [`JobStore`]: open, recover (in_flight → queued), and the
+//! trait, with writes through the group-commit writer and reads in read transactions.
+//!
+//! Invariants: only the writer thread (`commit.rs`) opens write transactions after open; a file
+//! that is not ours or has a newer schema is refused before anything is written to it.
+
+mod commit;
+mod ops;
+pub mod schema;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+use redb::{Database, DatabaseError, ReadTransaction, ReadableDatabase, WriteTransaction};
+use tokio::sync::mpsc;
+
+use self::commit::{BoxRequest, Pending, Shared};
+use self::ops::{EnqueueStep, TxError};
+use self::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use super::{
+    Durable, EnqueueOutcome, Job, JobId, JobState, JobStore, LastOutcome, NewJob, RouteStats,
+    StoreError,
+};
+
+pub(crate) use self::commit::Opener;
+pub use self::commit::MAX_BATCH;
+
+/// Requests that may wait for the writer; an enqueue beyond this answers `Busy`.
+pub const CHANNEL_CAPACITY: usize = 1024;
+
+/// The redb job store. Dropping it stops the writer after the batch in progress.
+pub struct RedbStore {
+    shared: Arc<Shared>,
+    tx: Option<mpsc::Sender<BoxRequest>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn open_error(path: &Path, e: DatabaseError) -> StoreError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => StoreError::AlreadyOpen {
+            path: path.to_path_buf(),
+        },
+        DatabaseError::Storage(redb::StorageError::Io(io))
+            if !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            StoreError::Unavailable(format!("{}: {io}", path.display()))
+        }
+        other => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            message: other.to_string(),
+        },
+    }
+}
+
+fn tx_open_error(path: &Path, e: TxError) -> StoreError {
+    match e {
+        TxError::Store(e) => e,
+        TxError::Decode(message) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            message,
+        },
+        TxError::Storage(e) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        },
+    }
+}
+
+fn check_schema(path: &Path, found: Option<u64>) -> Result<(), StoreError> {
+    match found {
+        Some(v) if v > SCHEMA_VERSION => Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found: v,
+            supported: SCHEMA_VERSION,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn read_schema(tx: &ReadTransaction) -> Result<Option<u64>, TxError> {
+    match tx.open_table(schema::META) {
+        Ok(t) => Ok(redb::ReadableTable::get(&t, SCHEMA_VERSION_KEY)?.map(|v| v.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates every table, writes the schema version and requeues in_flight jobs.
+fn init(tx: &WriteTransaction, now: u64) -> Result<u64, TxError> {
+    {
+        let mut meta = tx.open_table(schema::META)?;
+        let found = redb::ReadableTable::get(&meta, SCHEMA_VERSION_KEY)?.map(|v| v.value());
+        if found.is_none() {
+            meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION)?;
+        }
+    }
+    tx.open_table(schema::JOBS)?;
+    tx.open_table(schema::DUE)?;
+    tx.open_table(schema::PENDING)?;
+    tx.open_table(schema::ORDER)?;
+    tx.open_table(schema::BY_ROUTE)?;
+    tx.open_table(schema::EXPIRY)?;
+    tx.open_table(schema::IDEM)?;
+    tx.open_table(schema::COUNTERS)?;
+    tx.open_table(schema::ROUTES)?;
+    tx.open_table(schema::QUOTAS)?;
+    ops::recover_in_flight(tx, now)
+}
+
+#[cfg(unix)]
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(not(unix))]
+fn create_private_file(_path: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store at `path`, with redb's cache capped at `cache_size_bytes`.
+    ///
+    /// A file that is not a redb database, or one written by a newer schema, is refused and left
+    /// byte-identical. Jobs left in_flight by a crash become queued again, due now.
+    pub fn open(path: impl AsRef<Path>, cache_size_bytes: usize) -> Result<Self, StoreError> {
+        Self::open_with(
+            path,
+            cache_size_bytes,
+            commit::file_opener(),
+            CHANNEL_CAPACITY,
+        )
+    }
+
+    /// [`Self::open`] with another way to open the read-write database (fault injection).
+    pub(crate) fn open_with(
+        path: impl AsRef<Path>,
+        cache_size_bytes: usize,
+        opener: Opener,
+        channel_capacity: usize,
+    ) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let unavailable =
+            |e: std::io::Error| StoreError::Unavailable(format!("{}: {e}", path.display()));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir).map_err(unavailable)?;
+        }
+        let existing = fs::metadata(&path).map(|m| m.len() > 0).unwrap_or(false);
+        if existing {
+            // Look before writing: a read-only open never modifies the file.
+            match redb::Builder::new()
+                .set_cache_size(cache_size_bytes.min(1 << 20))
+                .open_read_only(&path)
+            {
+                Ok(db) => {
+                    let found = db
+                        .begin_read()
+                        .map_err(|e| tx_open_error(&path, e.into()))
+                        .and_then(|tx| read_schema(&tx).map_err(|e| tx_open_error(&path, e)))?;
+                    drop(db);
+                    check_schema(&path, found)?;
+                }
+                // Needs repair after a crash: the read-write open below repairs it.
+                Err(DatabaseError::RepairAborted) => {}
+                Err(e) => return Err(open_error(&path, e)),
+            }
+        } else {
+            create_private_file(&path).map_err(unavailable)?;
+        }
+        let db = opener(&path, cache_size_bytes).map_err(|e| open_error(&path, e))?;
+        let found = db
+            .begin_read()
+            .map_err(|e| tx_open_error(&path, e.into()))
+            .and_then(|tx| read_schema(&tx).map_err(|e| tx_open_error(&path, e)))?;
+        check_schema(&path, found)?;
+        let recovered = (|| -> Result<u64, TxError> {
+            let mut tx = db.begin_write()?;
+            tx.set_durability(redb::Durability::Immediate)?;
+            let n = init(&tx, now_ms())?;
+            tx.commit()?;
+            Ok(n)
+        })()
+        .map_err(|e| tx_open_error(&path, e))?;
+        if recovered > 0 {
+            tracing::info!(path = %path.display(), recovered, "in_flight jobs requeued after restart");
+        }
+        let shared = Arc::new(Shared {
+            db: RwLock::new(Some(Arc::new(db))),
+            healthy: AtomicBool::new(true),
+            commits: AtomicU64::new(0),
+            path,
+            cache_size: cache_size_bytes,
+            opener,
+        });
+        let (tx, rx) = mpsc::channel(channel_capacity.max(1));
+        let writer_shared = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("spillway-queue-writer".into())
+            .spawn(move || commit::run(writer_shared, rx))
+            .map_err(|e| StoreError::Unavailable(format!("spawn writer thread: {e}")))?;
+        Ok(Self {
+            shared,
+            tx: Some(tx),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Write transactions committed by the writer so far (group commit makes this smaller than
+    /// the number of writes).
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Acquire)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    async fn submit<R, F>(&self, wait: bool, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<R, TxError> + Send + 'static,
+    {
+        let sender = self.tx.as_ref().ok_or(StoreError::Closed)?;
+        let (req, rx) = Pending::new(work);
+        let req: BoxRequest = Box::new(req);
+        if wait {
+            sender.send(req).await.map_err(|_| StoreError::Closed)?;
+        } else {
+            sender.try_send(req).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => StoreError::Busy,
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            })?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<R, F>(&self, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<R, TxError> + Send + 'static,
+    {
+        let db: Arc<Database> = self
+            .shared
+            .db
+            .read()
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("the store is reopening".into()))?;
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(|e| shared.map_tx_error(e.into()))?;
+            work(&tx).map_err(|e| shared.map_tx_error(e))
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task: {e}")))?
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        self.tx.take();
+        self.shared.db.write().take();
+        if let Some(h) = self.writer.lock().take() {
+            // The writer ends once the channel is closed and drained.
+            let _ = h.join();
+        }
+    }
+}
+
+#[async_trait]
+impl JobStore for RedbStore {
+    async fn enqueue(
+        &self,
+        job: NewJob,
+        dedupe_window_ms: u64,
+        max_depth: u64,
+    ) -> Result<EnqueueOutcome, StoreError> {
+        let step = self
+            .submit(false, move |tx| {
+                ops::enqueue(tx, job, dedupe_window_ms, max_depth)
+            })
+            .await?;
+        // The commit returned: the ids are durable now.
+        Ok(match step {
+            EnqueueStep::Stored(id) => EnqueueOutcome::Stored(Durable::after_commit(id)),
+            EnqueueStep::Duplicate(id) => EnqueueOutcome::Duplicate(Durable::after_commit(id)),
+            EnqueueStep::KeyConflict(id) => EnqueueOutcome::KeyConflict(id),
+            EnqueueStep::QueueFull => EnqueueOutcome::QueueFull,
+        })
+    }
+
+    async fn lease_due(
+        &self,
+        route: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let route = route.to_owned();
+        self.submit(true, move |tx| ops::lease_due(tx, &route, now_ms, limit))
+            .await
+    }
+
+    async fn ack(&self, id: JobId, now_ms: u64) -> Result<(), StoreError> {
+        self.submit(true, move |tx| ops::ack(tx, id, now_ms)).await
+    }
+
+    async fn reschedule(
+        &self,
+        id: JobId,
+        next_attempt_at_ms: u64,
+        last: LastOutcome,
+    ) -> Result<(), StoreError> {
+        self.submit(true, move |tx| {
+            ops::reschedule(tx, id, next_attempt_at_ms, last)
+        })
+        .await
+    }
+
+    async fn dead_letter(
+        &self,
+        id: JobId,
+        reason: String,
+        last: Option<LastOutcome>,
+    ) -> Result<(), StoreError> {
+        self.submit(true, move |tx| ops::dead_letter(tx, id, reason, last))
+            .await
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        self.read(move |tx| ops::load_job(&tx.open_table(schema::JOBS)?, id))
+            .await
+    }
+
+    async fn list(
+        &self,
+        route: Option<&str>,
+        state: Option<JobState>,
+        limit: usize,
+        cursor: Option<JobId>,
+    ) -> Result<Vec<Job>, StoreError> {
+        let route = route.map(str::to_owned);
+        self.read(move |tx| {
+            let jobs = tx.open_table(schema::JOBS)?;
+            let upper = cursor.map(|c| c.as_u128()).unwrap_or(u128::MAX);
+            let keep = |j: &Job| state.is_none_or(|s| j.state == s);
+            let mut out = Vec::new();
+            if limit == 0 {
+                return Ok(out);
+            }
+            let mut push = |id: u128| -> Result<bool, TxError> {
+                if cursor.is_some() && id == upper {
+                    return Ok(false);
+                }
+                if let Some(j) = ops::load_job(&jobs, JobId::from_u128(id))? {
+                    if keep(&j) {
+                        out.push(j);
+                    }
+                }
+                Ok(out.len() >= limit)
+            };
+            match &route {
+                Some(r) => {
+                    let by_route = tx.open_table(schema::BY_ROUTE)?;
+                    for e in by_route
+                        .range((r.as_str(), 0u128)..=(r.as_str(), upper))?
+                        .rev()
+                    {
+                        if push(e?.0.value().1)? {
+                            break;
+                        }
+                    }
+                }
+                None => {
+                    let all = tx.open_table(schema::JOBS)?;
+                    for e in all.range(0u128..=upper)?.rev() {
+                        if push(e?.0.value())? {
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn retry(&self, id: JobId, now_ms: u64) -> Result<bool, StoreError> {
+        self.submit(true, move |tx| ops::retry(tx, id, now_ms))
+            .await
+    }
+
+    async fn delete(&self, id: JobId) -> Result<bool, StoreError> {
+        self.submit(true, move |tx| ops::delete(tx, id)).await
+    }
+
+    async fn replay_dead(&self, route: &str, now_ms: u64) -> Result<u64, StoreError> {
+        let route = route.to_owned();
+        self.submit(true, move |tx| ops::replay_dead(tx, &route, now_ms))
+            .await
+    }
+
+    async fn set_paused(&self, route: &str, paused: bool) -> Result<(), StoreError> {
+        let route = route.to_owned();
+        self.submit(true, move |tx| {
+            ops::set_route(tx, &route, |r| {
+                r.paused = paused;
+                if !paused {
+                    r.paused_until_ms = None;
+                }
+            })
+        })
+        .await
+    }
+
+    async fn pause_until(&self, route: &str, until_ms: u64) -> Result<(), StoreError> {
+        let route = route.to_owned();
+        self.submit(true, move |tx| {
+            ops::set_route(tx, &route, |r| r.paused_until_ms = Some(until_ms))
+        })
+        .await
+    }
+
+    async fn route_control(&self, route: &str) -> Result<(bool, Option<u64>), StoreError> {
+        let route = route.to_owned();
+        self.read(move |tx| {
+            let r = ops::route_record(&tx.open_table(schema::ROUTES)?, &route)?;
+            Ok((r.paused, r.paused_until_ms))
+        })
+        .await
+    }
+
+    async fn quota_acquire(
+        &self,
+        route: &str,
+        index: usize,
+        per_ms: u64,
+        limit: u64,
+        now_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let route = route.to_owned();
+        self.submit(true, move |tx| {
+            ops::quota_acquire(tx, &route, index, per_ms, limit, now_ms)
+        })
+        .await
+    }
+
+    async fn next_due(&self, route: &str) -> Result<Option<u64>, StoreError> {
+        let route = route.to_owned();
+        self.read(move |tx| ops::next_due(&tx.open_table(schema::DUE)?, &route))
+            .await
+    }
+
+    async fn stats(&self, route: &str) -> Result<RouteStats, StoreError> {
+        let route = route.to_owned();
+        self.read(move |tx| {
+            let c = tx.open_table(schema::COUNTERS)?;
+            let r = route.as_str();
+            let pending = tx.open_table(schema::PENDING)?;
+            let oldest = match pending
+                .range((r, 0u64, 0u128)..=(r, u64::MAX, u128::MAX))?
+                .next()
+            {
+                Some(e) => Some(e?.0.value().1),
+                None => None,
+            };
+            Ok(RouteStats {
+                queued: ops::counter(&c, r, JobState::Queued)?,
+                in_flight: ops::counter(&c, r, JobState::InFlight)?,
+                retrying: ops::counter(&c, r, JobState::Retrying)?,
+                dead: ops::counter(&c, r, JobState::Dead)?,
+                delivered_kept: ops::counter(&c, r, JobState::Delivered)?,
+                oldest_queued_created_at_ms: oldest,
+            })
+        })
+        .await
+    }
+
+    async fn purge_expired(&self, now_ms: u64, batch: usize) -> Result<u64, StoreError> {
+        self.submit(true, move |tx| ops::purge_expired(tx, now_ms, batch))
+            .await
+    }
+
+    fn healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Acquire)
+    }
+}
+
+/// The path of the store file inside a data directory.
+pub fn default_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("queue.redb")
+}

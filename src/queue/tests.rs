@@ -1,0 +1,694 @@
+//! The `JobStore` conformance suite (functions over `&dyn JobStore`, so every backend runs the
+//! same checks) and the redb backend's own tests: recovery, refusal of foreign files, group
+//! commit.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+const WINDOW: u64 = 60_000;
+const DEEP: u64 = 1_000;
+
+fn fp(body: &str) -> [u8; 32] {
+    Sha256::digest(body.as_bytes()).into()
+}
+
+fn job(route: &str, key: &str, body: &str, at: u64) -> NewJob {
+    NewJob {
+        id: JobId::new(),
+        route: route.into(),
+        method: "POST".into(),
+        uri: "http://up.example/hook".into(),
+        headers: vec![("content-type".into(), b"application/json".to_vec())],
+        body: Bytes::from(body.to_owned()),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        idempotency_key: key.into(),
+        fingerprint: fp(body),
+        created_at_ms: at,
+        ordering_key: None,
+    }
+}
+
+fn outcome(status: u16, at: u64) -> LastOutcome {
+    LastOutcome {
+        status: Some(status),
+        headers: vec![("retry-after".into(), b"1".to_vec())],
+        body_prefix: vec![b'x'; BODY_PREFIX_MAX + 100],
+        error: None,
+        at_ms: at,
+    }
+}
+
+async fn stored(s: &dyn JobStore, j: NewJob) -> JobId {
+    match s.enqueue(j, WINDOW, DEEP).await.unwrap() {
+        EnqueueOutcome::Stored(id) => id.into_inner(),
+        other => panic!("expected Stored, got {other:?}"),
+    }
+}
+
+// === conformance suite ===
+
+pub(crate) async fn enqueue_lease_ack(s: &dyn JobStore) {
+    let new = job("r", "k1", "{}", 1_000);
+    let id = stored(s, new.clone()).await;
+    assert_eq!(id, new.id);
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::Queued);
+    assert_eq!(got.body, new.body);
+    assert_eq!(got.headers, new.headers);
+    assert_eq!(got.traceparent, new.traceparent);
+    assert_eq!(got.next_attempt_at_ms, 1_000);
+    let st = s.stats("r").await.unwrap();
+    assert_eq!(st.queued, 1);
+    assert_eq!(st.oldest_queued_created_at_ms, Some(1_000));
+    assert_eq!(s.next_due("r").await.unwrap(), Some(1_000));
+
+    assert!(s.lease_due("r", 999, 10).await.unwrap().is_empty());
+    let leased = s.lease_due("r", 1_000, 10).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].state, JobState::InFlight);
+    assert_eq!(leased[0].attempts, 1);
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::InFlight);
+    assert_eq!(got.attempts, 1);
+    assert!(s.lease_due("r", 5_000, 10).await.unwrap().is_empty());
+    assert_eq!(s.stats("r").await.unwrap().in_flight, 1);
+    assert_eq!(s.next_due("r").await.unwrap(), None);
+
+    s.ack(id, 2_000).await.unwrap();
+    s.ack(id, 2_500).await.unwrap();
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::Delivered);
+    assert_eq!(got.updated_at_ms, 2_000);
+    let st = s.stats("r").await.unwrap();
+    assert_eq!(
+        st,
+        RouteStats {
+            delivered_kept: 1,
+            ..RouteStats::default()
+        }
+    );
+    assert!(matches!(
+        s.ack(JobId::new(), 1).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+pub(crate) async fn lease_order_and_limit(s: &dyn JobStore) {
+    let c = stored(s, job("r", "c", "c", 300)).await;
+    let a = stored(s, job("r", "a", "a", 100)).await;
+    let b = stored(s, job("r", "b", "b", 200)).await;
+    let other = stored(s, job("other", "a", "a", 100)).await;
+    let first = s.lease_due("r", 1_000, 2).await.unwrap();
+    let ids: Vec<_> = first.iter().map(|j| j.id).collect();
+    assert_eq!(ids, vec![a, b]);
+    let rest = s.lease_due("r", 1_000, 10).await.unwrap();
+    assert_eq!(rest.iter().map(|j| j.id).collect::<Vec<_>>(), vec![c]);
+    assert_eq!(s.get(other).await.unwrap().unwrap().state, JobState::Queued);
+}
+
+pub(crate) async fn reschedule_then_lease_again(s: &dyn JobStore) {
+    let id = stored(s, job("r", "k", "b", 100)).await;
+    s.lease_due("r", 100, 1).await.unwrap();
+    s.reschedule(id, 5_000, outcome(503, 150)).await.unwrap();
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::Retrying);
+    assert_eq!(got.next_attempt_at_ms, 5_000);
+    let last = got.last.unwrap();
+    assert_eq!(last.status, Some(503));
+    assert_eq!(last.body_prefix.len(), BODY_PREFIX_MAX);
+    assert_eq!(s.next_due("r").await.unwrap(), Some(5_000));
+    assert_eq!(s.stats("r").await.unwrap().retrying, 1);
+    assert!(s.lease_due("r", 4_999, 5).await.unwrap().is_empty());
+    let again = s.lease_due("r", 5_000, 5).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 2);
+}
+
+pub(crate) async fn dead_retry_replay_delete(s: &dyn JobStore) {
+    let a = stored(s, job("r", "a", "a", 100)).await;
+    let b = stored(s, job("r", "b", "b", 100)).await;
+    s.lease_due("r", 100, 10).await.unwrap();
+    s.dead_letter(a, "status 400".into(), Some(outcome(400, 120)))
+        .await
+        .unwrap();
+    s.dead_letter(b, "max_attempts".into(), None).await.unwrap();
+    let got = s.get(a).await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::Dead);
+    assert_eq!(got.dead_reason.as_deref(), Some("status 400"));
+    assert_eq!(got.last.unwrap().status, Some(400));
+    let st = s.stats("r").await.unwrap();
+    assert_eq!((st.dead, st.in_flight, st.queued), (2, 0, 0));
+    assert_eq!(st.oldest_queued_created_at_ms, None);
+
+    assert!(s.retry(a, 1_000).await.unwrap());
+    let got = s.get(a).await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::Retrying);
+    assert_eq!(got.attempts, 1);
+    assert_eq!(got.next_attempt_at_ms, 1_000);
+    assert_eq!(got.dead_reason, None);
+    let leased = s.lease_due("r", 1_000, 10).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].attempts, 2);
+    assert!(
+        !s.retry(a, 1_000).await.unwrap(),
+        "in_flight is not retried"
+    );
+
+    assert_eq!(s.replay_dead("r", 2_000).await.unwrap(), 1);
+    assert_eq!(s.get(b).await.unwrap().unwrap().state, JobState::Retrying);
+    assert_eq!(s.replay_dead("r", 2_000).await.unwrap(), 0);
+
+    assert!(s.delete(b).await.unwrap());
+    assert!(!s.delete(b).await.unwrap());
+    assert_eq!(s.get(b).await.unwrap(), None);
+    let st = s.stats("r").await.unwrap();
+    assert_eq!((st.retrying, st.in_flight, st.dead), (0, 1, 0));
+    // The deleted job's key is free again.
+    stored(s, job("r", "b", "other body", 3_000)).await;
+}
+
+pub(crate) async fn dedupe_and_key_conflict(s: &dyn JobStore) {
+    let first = job("r", "key", "body", 100);
+    let id = stored(s, first.clone()).await;
+    let mut again = job("r", "key", "body", 200);
+    again.id = JobId::new();
+    assert_eq!(
+        s.enqueue(again, WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::Duplicate(Durable::after_commit(id))
+    );
+    assert_eq!(
+        s.enqueue(job("r", "key", "different", 200), WINDOW, DEEP)
+            .await
+            .unwrap(),
+        EnqueueOutcome::KeyConflict(id)
+    );
+    // Same key on another route is another job.
+    stored(s, job("r2", "key", "different", 200)).await;
+    assert_eq!(s.stats("r").await.unwrap().queued, 1);
+
+    // Delivered: still a duplicate within the window, a new job after it.
+    s.lease_due("r", 200, 1).await.unwrap();
+    s.ack(id, 1_000).await.unwrap();
+    assert!(matches!(
+        s.enqueue(job("r", "key", "body", 1_000 + WINDOW - 1), WINDOW, DEEP)
+            .await
+            .unwrap(),
+        EnqueueOutcome::Duplicate(d) if *d.get() == id
+    ));
+    assert_eq!(s.purge_expired(1_000 + WINDOW - 1, 10).await.unwrap(), 0);
+    let later = stored(s, job("r", "key", "body", 1_000 + WINDOW)).await;
+    assert_ne!(later, id);
+    assert_eq!(s.purge_expired(1_000 + WINDOW + 1, 10).await.unwrap(), 1);
+    assert_eq!(s.get(id).await.unwrap(), None);
+    // The new job still holds the key after the old one was purged.
+    assert!(matches!(
+        s.enqueue(job("r", "key", "body", 1_000 + WINDOW + 2), WINDOW, DEEP)
+            .await
+            .unwrap(),
+        EnqueueOutcome::Duplicate(d) if *d.get() == later
+    ));
+    assert_eq!(s.stats("r").await.unwrap().delivered_kept, 0);
+}
+
+pub(crate) async fn max_depth_rejects_and_stores_nothing(s: &dyn JobStore) {
+    let a = job("r", "a", "a", 1);
+    s.enqueue(a.clone(), WINDOW, 2).await.unwrap();
+    s.enqueue(job("r", "b", "b", 1), WINDOW, 2).await.unwrap();
+    let c = job("r", "c", "c", 1);
+    assert_eq!(
+        s.enqueue(c.clone(), WINDOW, 2).await.unwrap(),
+        EnqueueOutcome::QueueFull
+    );
+    assert_eq!(s.get(c.id).await.unwrap(), None);
+    // A replay of a stored key is still answered when full.
+    assert!(matches!(
+        s.enqueue(job("r", "a", "a", 2), WINDOW, 2).await.unwrap(),
+        EnqueueOutcome::Duplicate(d) if *d.get() == a.id
+    ));
+    // In flight still counts toward depth; delivered does not.
+    s.lease_due("r", 1, 1).await.unwrap();
+    assert_eq!(
+        s.enqueue(c.clone(), WINDOW, 2).await.unwrap(),
+        EnqueueOutcome::QueueFull
+    );
+    s.ack(a.id, 5).await.unwrap();
+    assert!(matches!(
+        s.enqueue(c, WINDOW, 2).await.unwrap(),
+        EnqueueOutcome::Stored(_)
+    ));
+}
+
+pub(crate) async fn ordering_key_serialises_a_route(s: &dyn JobStore) {
+    let mut a = job("r", "a", "a", 100);
+    a.ordering_key = Some("acct-1".into());
+    let mut b = job("r", "b", "b", 100);
+    b.ordering_key = Some("acct-1".into());
+    let mut c = job("r", "c", "c", 100);
+    c.ordering_key = Some("acct-2".into());
+    let (a, b, c) = (stored(s, a).await, stored(s, b).await, stored(s, c).await);
+    let leased: Vec<_> = s
+        .lease_due("r", 100, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(leased, vec![a, c]);
+    // Still blocked while a is retrying.
+    s.reschedule(a, 500, outcome(503, 100)).await.unwrap();
+    let leased = s.lease_due("r", 200, 10).await.unwrap();
+    assert!(leased.is_empty(), "{leased:?}");
+    let leased = s.lease_due("r", 500, 10).await.unwrap();
+    assert_eq!(leased.iter().map(|j| j.id).collect::<Vec<_>>(), vec![a]);
+    s.ack(a, 600).await.unwrap();
+    let leased = s.lease_due("r", 600, 10).await.unwrap();
+    assert_eq!(leased.iter().map(|j| j.id).collect::<Vec<_>>(), vec![b]);
+}
+
+pub(crate) async fn pause_and_resume(s: &dyn JobStore) {
+    stored(s, job("r", "a", "a", 100)).await;
+    assert_eq!(s.route_control("r").await.unwrap(), (false, None));
+    s.set_paused("r", true).await.unwrap();
+    assert_eq!(s.route_control("r").await.unwrap(), (true, None));
+    assert!(s.lease_due("r", 1_000, 10).await.unwrap().is_empty());
+    s.set_paused("r", false).await.unwrap();
+    s.pause_until("r", 2_000).await.unwrap();
+    assert_eq!(s.route_control("r").await.unwrap(), (false, Some(2_000)));
+    assert!(s.lease_due("r", 1_999, 10).await.unwrap().is_empty());
+    assert_eq!(s.lease_due("r", 2_000, 10).await.unwrap().len(), 1);
+    assert_eq!(s.route_control("other").await.unwrap(), (false, None));
+}
+
+pub(crate) async fn quota_fixed_windows(s: &dyn JobStore) {
+    assert_eq!(
+        s.quota_acquire("r", 0, 1_000, 2, 10_100).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.quota_acquire("r", 0, 1_000, 2, 10_900).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.quota_acquire("r", 0, 1_000, 2, 10_999).await.unwrap(),
+        Some(11_000)
+    );
+    // Another index and another route have their own counts.
+    assert_eq!(
+        s.quota_acquire("r", 1, 60_000, 1, 10_999).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.quota_acquire("x", 0, 1_000, 2, 10_999).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.quota_acquire("r", 0, 1_000, 2, 11_000).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.quota_acquire("r", 1, 60_000, 1, 11_000).await.unwrap(),
+        Some(60_000)
+    );
+}
+
+pub(crate) async fn list_newest_first_with_cursor(s: &dyn JobStore) {
+    let mut ids = Vec::new();
+    for i in 0..5u64 {
+        ids.push(stored(s, job("r", &format!("k{i}"), "b", i)).await);
+    }
+    stored(s, job("other", "k", "b", 9)).await;
+    let page: Vec<_> = s
+        .list(Some("r"), None, 2, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(page, vec![ids[4], ids[3]]);
+    let page2: Vec<_> = s
+        .list(Some("r"), None, 10, Some(ids[3]))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(page2, vec![ids[2], ids[1], ids[0]]);
+    assert_eq!(s.list(None, None, 100, None).await.unwrap().len(), 6);
+    s.lease_due("r", 0, 1).await.unwrap();
+    let in_flight = s
+        .list(None, Some(JobState::InFlight), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(in_flight.len(), 1);
+    assert_eq!(in_flight[0].id, ids[0]);
+}
+
+pub(crate) async fn stats_follow_every_transition(s: &dyn JobStore) {
+    let ids = [
+        stored(s, job("r", "a", "a", 10)).await,
+        stored(s, job("r", "b", "b", 20)).await,
+        stored(s, job("r", "c", "c", 30)).await,
+        stored(s, job("r", "d", "d", 40)).await,
+    ];
+    s.lease_due("r", 100, 3).await.unwrap();
+    s.ack(ids[0], 100).await.unwrap();
+    s.reschedule(ids[1], 900, outcome(500, 100)).await.unwrap();
+    s.dead_letter(ids[2], "gone".into(), None).await.unwrap();
+    assert_eq!(
+        s.stats("r").await.unwrap(),
+        RouteStats {
+            queued: 1,
+            in_flight: 0,
+            retrying: 1,
+            dead: 1,
+            delivered_kept: 1,
+            oldest_queued_created_at_ms: Some(20),
+        }
+    );
+    assert_eq!(s.stats("nothing").await.unwrap(), RouteStats::default());
+}
+
+/// Every conformance check, each against a fresh store from `make`.
+macro_rules! conformance {
+    ($make:expr; $($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (_guard, store) = $make;
+            super::$name(&store).await;
+        }
+    )*};
+}
+
+mod redb_conformance {
+    use super::*;
+
+    fn fresh() -> (tempfile::TempDir, RedbStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("q/queue.redb"), 4 << 20).unwrap();
+        (dir, store)
+    }
+
+    conformance!(fresh();
+        enqueue_lease_ack,
+        lease_order_and_limit,
+        reschedule_then_lease_again,
+        dead_retry_replay_delete,
+        dedupe_and_key_conflict,
+        max_depth_rejects_and_stores_nothing,
+        ordering_key_serialises_a_route,
+        pause_and_resume,
+        quota_fixed_windows,
+        list_newest_first_with_cursor,
+        stats_follow_every_transition,
+    );
+}
+
+// === redb backend ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_jobs_are_queued_again_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let (a, b);
+    {
+        let s = RedbStore::open(&path, 1 << 20).unwrap();
+        a = stored(&s, job("r", "a", "a", 100)).await;
+        b = stored(&s, job("r", "b", "b", 100)).await;
+        assert_eq!(s.lease_due("r", 100, 1).await.unwrap().len(), 1);
+        s.set_paused("r2", true).await.unwrap();
+    }
+    let s = RedbStore::open(&path, 1 << 20).unwrap();
+    let got = s.get(a).await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::Queued);
+    assert_eq!(got.attempts, 1, "the interrupted attempt still counts");
+    assert!(got.next_attempt_at_ms >= 100);
+    assert_eq!(s.get(b).await.unwrap().unwrap().state, JobState::Queued);
+    let st = s.stats("r").await.unwrap();
+    assert_eq!((st.queued, st.in_flight), (2, 0));
+    assert_eq!(s.route_control("r2").await.unwrap(), (true, None));
+    let leased = s.lease_due("r", u64::MAX - 1, 10).await.unwrap();
+    assert_eq!(leased.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_schema_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    drop(RedbStore::open(&path, 1 << 20).unwrap());
+    {
+        let db = ::redb::Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(redb::schema::META)
+            .unwrap()
+            .insert(redb::schema::SCHEMA_VERSION_KEY, 2)
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    match RedbStore::open(&path, 1 << 20) {
+        Err(StoreError::NewerSchema {
+            path: p,
+            found: 2,
+            supported: 1,
+        }) => assert_eq!(p, path),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("a newer schema must be refused"),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_file_is_corrupt_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let garbage: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, &garbage).unwrap();
+    match RedbStore::open(&path, 1 << 20) {
+        Err(e @ StoreError::Corrupt { .. }) => {
+            assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        }
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("garbage must be refused"),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), garbage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_open_is_already_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let _s = RedbStore::open(&path, 1 << 20).unwrap();
+    assert!(matches!(
+        RedbStore::open(&path, 1 << 20),
+        Err(StoreError::AlreadyOpen { path: p }) if p == path
+    ));
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_file_and_directory_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data/queue.redb");
+    let _s = RedbStore::open(&path, 1 << 20).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enqueues_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(RedbStore::open(dir.path().join("queue.redb"), 4 << 20).unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.enqueue(job("r", &format!("k{i}"), "b", i), WINDOW, DEEP)
+                .await
+        }));
+    }
+    for t in tasks {
+        assert!(matches!(
+            t.await.unwrap().unwrap(),
+            EnqueueOutcome::Stored(_)
+        ));
+    }
+    assert_eq!(s.stats("r").await.unwrap().queued, 200);
+    let commits = s.commits();
+    assert!(commits < 200, "{commits} commits for 200 enqueues");
+    assert!(commits >= 1);
+}
+
+#[test]
+fn job_id_round_trips_and_orders() {
+    let a = JobId::new();
+    let b = JobId::new();
+    assert!(a < b);
+    assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
+    assert!("nope".parse::<JobId>().is_err());
+    for s in JobState::ALL {
+        assert_eq!(s.as_str().parse::<JobState>().unwrap(), s);
+    }
+    assert_eq!(JobState::InFlight.as_str(), "in_flight");
+}
+
+// === fault injection ===
+
+/// A file backend whose writes and syncs fail while `fail` is set.
+#[derive(Debug)]
+struct FlakyBackend {
+    inner: ::redb::backends::FileBackend,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+    /// Makes every sync slow, to hold the writer inside a commit.
+    stall: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlakyBackend {
+    fn check(&self) -> std::io::Result<()> {
+        if self.stall.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(std::io::Error::other("injected I/O failure"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+type Bound = std::ops::Bound<u64>;
+
+impl ::redb::StorageBackend for FlakyBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.inner.close()
+    }
+    fn try_lock_range(&self, s: Bound, e: Bound) -> Result<bool, ::redb::BackendError> {
+        self.inner.try_lock_range(s, e)
+    }
+    fn try_lock_shared_range(&self, s: Bound, e: Bound) -> Result<bool, ::redb::BackendError> {
+        self.inner.try_lock_shared_range(s, e)
+    }
+    fn lock_range(&self, s: Bound, e: Bound) -> Result<(), ::redb::BackendError> {
+        self.inner.lock_range(s, e)
+    }
+    fn lock_shared_range(&self, s: Bound, e: Bound) -> Result<(), ::redb::BackendError> {
+        self.inner.lock_shared_range(s, e)
+    }
+    fn unlock_range(&self, s: Bound, e: Bound) -> Result<(), ::redb::BackendError> {
+        self.inner.unlock_range(s, e)
+    }
+    fn query_lock_range(&self, s: Bound, e: Bound) -> Result<bool, ::redb::BackendError> {
+        self.inner.query_lock_range(s, e)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_commit_answers_unavailable_then_store_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (opener, _) = flaky_opener(fail.clone());
+    let s = RedbStore::open_with(&path, 1 << 20, opener, 1024).unwrap();
+    let kept = stored(&s, job("r", "kept", "b", 1)).await;
+    assert!(s.healthy());
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lost = job("r", "lost", "b", 2);
+    match s.enqueue(lost.clone(), WINDOW, DEEP).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("a failed commit must not be Stored: {other:?}"),
+    }
+    assert!(!s.healthy());
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+
+    // The store reopens at most once per REOPEN_EVERY; it recovers soon after the disk does.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let id = loop {
+        match s.enqueue(lost.clone(), WINDOW, DEEP).await {
+            Ok(EnqueueOutcome::Stored(id)) => break id.into_inner(),
+            Err(StoreError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => panic!("store did not recover: {other:?}"),
+        }
+    };
+    assert_eq!(id, lost.id);
+    assert!(s.healthy());
+    assert_eq!(s.get(kept).await.unwrap().unwrap().state, JobState::Queued);
+    assert_eq!(s.stats("r").await.unwrap().queued, 2);
+}
+
+/// An opener over [`FlakyBackend`]: failing while `fail` is set; the returned flag stalls syncs.
+fn flaky_opener(
+    fail: Arc<std::sync::atomic::AtomicBool>,
+) -> (redb::Opener, Arc<std::sync::atomic::AtomicBool>) {
+    let flag = fail;
+    let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stall2 = stall.clone();
+    let opener: redb::Opener = Arc::new(move |path, cache| {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        ::redb::Builder::new()
+            .set_cache_size(cache)
+            .create_with_backend(FlakyBackend {
+                inner: ::redb::backends::FileBackend::new(file)?,
+                fail: flag.clone(),
+                stall: stall.clone(),
+            })
+    });
+    (opener, stall2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_channel_answers_busy_without_queueing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let (opener, stall) = flaky_opener(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let s = Arc::new(RedbStore::open_with(&path, 1 << 20, opener, 1).unwrap());
+    stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.enqueue(job("r", &format!("k{i}"), "b", i), WINDOW, DEEP)
+                .await
+        }));
+    }
+    let (mut busy, mut ok) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Err(StoreError::Busy) => busy += 1,
+            Ok(EnqueueOutcome::Stored(_)) => ok += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    stall.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(busy > 0, "a full channel must answer Busy");
+    assert_eq!(s.stats("r").await.unwrap().queued, ok);
+}
