@@ -88,7 +88,7 @@ impl App {
             None
         } else {
             let path = config.storage.path.clone();
-            let cache = config.storage.cache_size;
+            let cache = usize::try_from(config.storage.cache_size).unwrap_or(usize::MAX);
             let store = tokio::task::spawn_blocking(move || RedbStore::open(&path, cache))
                 .await
                 .map_err(|e| crate::queue::StoreError::Unavailable(e.to_string()))??;
@@ -192,9 +192,16 @@ impl App {
             Ok(g) => g,
             Err(_) => return false,
         };
-        let drained = tokio::time::timeout(self.grace, graceful.shutdown())
-            .await
-            .is_ok();
+        // Dispatchers stop leasing at once; attempts already sent may finish in the grace
+        // period. One cut short stays in_flight on disk and is delivered after restart.
+        self.tasks.close();
+        let tasks = self.tasks;
+        let drained = tokio::time::timeout(self.grace, async {
+            graceful.shutdown().await;
+            tasks.wait().await;
+        })
+        .await
+        .is_ok();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.admin_task).await;
         if drained {
             tracing::info!("drained; exiting");
