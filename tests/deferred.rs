@@ -348,3 +348,129 @@ async fn in_flight_jobs_are_redelivered_after_sigkill() {
         HashSet::from(["inflight-a".to_owned(), "inflight-b".to_owned()])
     );
 }
+
+#[tokio::test]
+async fn a_quota_holds_across_a_restart() {
+    let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let mut sw = Spillway::start(&config(up.addr, "    quotas: [{ limit: 2, per: 1h }]\n"));
+    for i in 0..3 {
+        assert_eq!(
+            send(sw.proxy, keyed("{}", &format!("q{i}"))).await.status,
+            202
+        );
+    }
+    eventually("two deliveries", || async { up.count() == 2 }).await;
+    sw.restart();
+    assert_eq!(send(sw.proxy, keyed("{}", "q3")).await.status, 202);
+    // The window is an hour: nothing more may go out, before or after the restart.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
+async fn a_corrupt_queue_file_is_a_clear_error_and_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = dir.path().join("queue.redb");
+    let garbage = b"this is not a redb file, it is somebody's notes".repeat(100);
+    std::fs::write(&queue, &garbage).unwrap();
+    let cfg = dir.path().join("spillway.yaml");
+    std::fs::write(
+        &cfg,
+        config("127.0.0.1:9".parse().unwrap(), "")
+            .replace("{data}", &dir.path().display().to_string()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&queue.display().to_string()), "{err}");
+    assert_eq!(
+        std::fs::read(&queue).unwrap(),
+        garbage,
+        "the file was modified"
+    );
+}
+
+/// A real full disk: a small tmpfs (needs root; skipped with a message otherwise).
+#[tokio::test]
+async fn a_full_disk_gives_503_never_202_and_recovers_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (not root?)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+
+    let up = FlakyUpstream::start(|_, _| Action::Delay(Duration::from_secs(60))).await;
+    let cfg = config(up.addr, "")
+        .replace(
+            "{data}/queue.redb",
+            &format!("{}/queue.redb", mnt.display()),
+        )
+        .replace(
+            "shutdown_grace",
+            "limits: { max_body_bytes: 256KiB }\nshutdown_grace",
+        )
+        .replace("concurrency: 4", "concurrency: 1");
+    let sw = Spillway::start(&cfg);
+    let filler = mnt.join("filler");
+    let body = "x".repeat(200 * 1024);
+    let mut saw_503 = false;
+    for i in 0..40 {
+        let a = send(sw.proxy, keyed(&body, &format!("fill-{i}"))).await;
+        match a.status {
+            202 => {}
+            503 => {
+                assert_eq!(a.json()["error"], "storage_unavailable", "{:?}", a.json());
+                saw_503 = true;
+                break;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+        if i == 0 {
+            // Leave the store a little room, then take the rest.
+            let _ = std::process::Command::new("dd")
+                .args(["if=/dev/zero", "bs=64k", "count=1000"])
+                .arg(format!("of={}", filler.display()))
+                .status();
+        }
+    }
+    assert!(saw_503, "the disk never filled up");
+    let ready = send(sw.admin, support::get("/readyz", "admin")).await;
+    assert_eq!(
+        ready.status, 503,
+        "readiness must drop while storage is unusable"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    eventually("accepting resumes", || async {
+        send(
+            sw.proxy,
+            keyed("{}", &format!("after-{}", uuid::Uuid::new_v4())),
+        )
+        .await
+        .status
+            == 202
+    })
+    .await;
+}

@@ -143,8 +143,9 @@ impl Dispatcher {
         Ok(None)
     }
 
-    /// Takes up to `want` units of every quota; a quota that is spent returns how long
-    /// until its window opens. Counts live in storage, so a restart does not reset them.
+    /// Takes one unit of every quota, and limits the lease to that one job: a unit is
+    /// only spent when a job is about to go out. A spent quota returns how long until its
+    /// window opens. Counts live in storage, so a restart does not reset them.
     async fn take_quota(
         &self,
         want: &mut usize,
@@ -153,25 +154,18 @@ impl Dispatcher {
         if self.route.quotas.is_empty() {
             return Ok(None);
         }
-        let mut granted = 0;
-        'units: while granted < *want {
-            for (i, q) in self.route.quotas.iter().enumerate() {
-                let per = u64::try_from(q.per.as_millis()).unwrap_or(u64::MAX);
-                if let Some(at) = self
-                    .store
-                    .quota_acquire(&self.route.name, i, per, q.limit.get(), now)
-                    .await?
-                {
-                    if granted == 0 {
-                        tracing::info!(route = %self.route.name, quota = i, "quota spent; waiting for its window");
-                        return Ok(Some(Duration::from_millis(at.saturating_sub(now).max(1))));
-                    }
-                    break 'units;
-                }
+        for (i, q) in self.route.quotas.iter().enumerate() {
+            let per = u64::try_from(q.per.as_millis()).unwrap_or(u64::MAX);
+            if let Some(at) = self
+                .store
+                .quota_acquire(&self.route.name, i, per, q.limit.get(), now)
+                .await?
+            {
+                tracing::info!(route = %self.route.name, quota = i, "quota spent; waiting for its window");
+                return Ok(Some(Duration::from_millis(at.saturating_sub(now).max(1))));
             }
-            granted += 1;
         }
-        *want = granted;
+        *want = 1;
         Ok(None)
     }
 }
