@@ -380,13 +380,8 @@ async fn a_corrupt_queue_file_is_a_clear_error_and_is_left_untouched() {
             .replace("{data}", &dir.path().display().to_string()),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = support::run_to_exit(&cfg);
+    assert_eq!(code, Some(2));
     assert!(err.contains(&queue.display().to_string()), "{err}");
     assert_eq!(
         std::fs::read(&queue).unwrap(),

@@ -102,15 +102,7 @@ async fn connect_is_refused_to_unnamed_hosts_and_tunnels_to_named_ones() {
     assert!(wrong_port.starts_with("HTTP/1.1 403"), "{wrong_port}");
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(sw.proxy).await.unwrap();
-    s.write_all(
-        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut s = support::open_tunnel(sw.proxy, port).await;
     s.write_all(b"GET /through-tunnel HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
@@ -353,16 +345,9 @@ async fn an_idle_tunnel_is_closed_after_tunnel_idle_timeout() {
         "limits: { tunnel_idle_timeout: 300ms }\nshutdown_grace",
     );
     let sw = Spillway::start(&cfg);
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(sw.proxy).await.unwrap();
-    s.write_all(
-        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    use tokio::io::AsyncReadExt;
+    let mut s = support::open_tunnel(sw.proxy, port).await;
+    let mut buf = vec![0u8; 64];
     // Send nothing: the tunnel must close by itself.
     let closed = tokio::time::timeout(support::patience(), s.read(&mut buf)).await;
     assert!(
@@ -380,13 +365,8 @@ async fn run_with_a_bad_config_names_the_place_and_exits_1() {
         "listen: 127.0.0.1:0\nroutes:\n  - name: a\n    upstream: ftp://x\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = support::run_to_exit(&cfg);
+    assert_eq!(code, Some(1));
     assert!(err.contains(&format!("{}:4:", cfg.display())), "{err}");
     assert!(err.contains("routes[0].upstream"), "{err}");
 }

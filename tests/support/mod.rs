@@ -197,6 +197,35 @@ impl Drop for Spillway {
     }
 }
 
+/// Runs `spillway run -c cfg` to its exit (for configs or files that must stop it);
+/// returns the exit code and stderr.
+pub fn run_to_exit(cfg: &std::path::Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(["run", "-c"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Opens a CONNECT tunnel through `proxy` to 127.0.0.1:`port` and checks the 200.
+pub async fn open_tunnel(proxy: SocketAddr, port: u16) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    s
+}
+
 // === FlakyUpstream ===
 
 /// What the upstream does with one request.
