@@ -166,13 +166,23 @@ pub(super) fn open_database(shared: &Shared) -> Result<Database, DatabaseError> 
     (shared.opener)(&shared.path, shared.cache_size)
 }
 
+/// `SPILLWAY_MAX_BATCH` lowers the batch bound (1 = one commit per request); it exists so
+/// benchmarks can measure what group commit buys, not as a tuning knob.
+fn max_batch() -> usize {
+    std::env::var("SPILLWAY_MAX_BATCH")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(MAX_BATCH, |n| n.clamp(1, MAX_BATCH))
+}
+
 /// The writer loop; returns when every sender is gone.
 pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
     let mut last_reopen: Option<Instant> = None;
-    let mut batch: Vec<BoxRequest> = Vec::with_capacity(MAX_BATCH);
+    let max_batch = max_batch();
+    let mut batch: Vec<BoxRequest> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
+        while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,
