@@ -21,6 +21,17 @@ fn route(name: &str, host: &str, upstream: std::net::SocketAddr, extra: &str) ->
     )
 }
 
+/// A route naming 127.0.0.1 whose CONNECT ports include the upstream's.
+fn tunnel_route(upstream: std::net::SocketAddr) -> String {
+    let port = upstream.port();
+    route(
+        "local",
+        "127.0.0.1",
+        upstream,
+        &format!("    connect_ports: [{port}]\n"),
+    )
+}
+
 fn post(uri: &str, host: &str, body: &'static str) -> Request<Full<Bytes>> {
     Request::post(uri)
         .header("host", host)
@@ -80,12 +91,7 @@ async fn absolute_form_with_a_different_host_is_400_host_mismatch() {
 async fn connect_is_refused_to_unnamed_hosts_and_tunnels_to_named_ones() {
     let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
     let port = up.addr.port();
-    let routes = route(
-        "local",
-        "127.0.0.1",
-        up.addr,
-        &format!("    connect_ports: [{port}]\n"),
-    );
+    let routes = tunnel_route(up.addr);
     let sw = Spillway::start(&config(&routes));
 
     let denied = support::raw(
@@ -334,12 +340,7 @@ async fn readiness_and_health_answer_on_the_admin_listener() {
 async fn an_idle_tunnel_is_closed_after_tunnel_idle_timeout() {
     let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
     let port = up.addr.port();
-    let routes = route(
-        "local",
-        "127.0.0.1",
-        up.addr,
-        &format!("    connect_ports: [{port}]\n"),
-    );
+    let routes = tunnel_route(up.addr);
     let cfg = config(&routes).replace(
         "shutdown_grace",
         "limits: { tunnel_idle_timeout: 300ms }\nshutdown_grace",

@@ -240,18 +240,6 @@ impl Attempt {
             ),
             Ok(Ok(rsp)) => {
                 let (parts, body) = rsp.into_parts();
-                let prefix = body_prefix(body).await;
-                let last = LastOutcome {
-                    status: Some(parts.status.as_u16()),
-                    headers: parts
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
-                        .collect(),
-                    body_prefix: prefix,
-                    error: None,
-                    at_ms: now_ms(),
-                };
                 let status = parts.status.as_u16();
                 let verdict = classify(
                     &Outcome::Response {
@@ -263,8 +251,22 @@ impl Attempt {
                     age,
                     SystemTime::now(),
                 );
+                // Read (at most 4 KiB of) the body either way, so the pooled connection
+                // can be reused; keep it only where a retry or dead letter shows it.
+                let prefix = body_prefix(body).await;
+                let last = (verdict != Verdict::Delivered).then(|| LastOutcome {
+                    status: Some(status),
+                    headers: parts
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
+                        .collect(),
+                    body_prefix: prefix,
+                    error: None,
+                    at_ms: now_ms(),
+                });
                 tracing::info!(route = %self.route.name, job_id = %id, attempt = attempts, status, elapsed_ms = started.elapsed().as_millis() as u64, "delivery attempt");
-                return self.record(id, attempts, verdict, Some(last)).await;
+                return self.record(id, attempts, verdict, last).await;
             }
         };
         let verdict = classify(

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, Uri};
+use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -248,9 +248,6 @@ fn rewrite(
     req.headers_mut().insert(header::HOST, host);
     // The upstream speaks whatever version the pool negotiates.
     *req.version_mut() = http::Version::HTTP_11;
-    if req.method() == Method::CONNECT {
-        return Err(ProxyError::BadRequest("CONNECT cannot be forwarded".into()));
-    }
     Ok(())
 }
 
