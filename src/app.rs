@@ -177,10 +177,12 @@ impl App {
             tasks.spawn(purge(store.clone(), stop.clone()));
         }
 
+        // Ready before the listeners are reported: whoever reads the report may probe
+        // /readyz at once.
+        ready.set(true);
         report("proxy", proxy_addr);
         report("admin", admin_addr);
         tracing::info!(%proxy_addr, %admin_addr, routes = ?proxy.route_names(), "spillway started");
-        ready.set(true);
         Ok(App {
             proxy_addr,
             admin_addr,
