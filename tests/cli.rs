@@ -170,7 +170,7 @@ async fn jobs_list_show_retry_and_delete() {
     // One job, with its secret masked.
     let out = ok(&sw, &["jobs", "show", &first]).await;
     assert!(
-        out.stdout.contains("state:          dead"),
+        out.stdout.contains("state:            dead"),
         "{}",
         out.stdout
     );

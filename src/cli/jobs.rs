@@ -205,7 +205,7 @@ fn body_text(out: &mut String, body: &Value) {
 
 fn show_text(v: &Value) -> String {
     let mut out = String::new();
-    let line = |out: &mut String, k: &str, val: String| out.push_str(&format!("{k:<16}{val}\n"));
+    let line = |out: &mut String, k: &str, val: String| out.push_str(&format!("{k:<18}{val}\n"));
     line(&mut out, "id:", cell(&v["id"]));
     line(&mut out, "route:", cell(&v["route"]));
     line(&mut out, "state:", cell(&v["state"]));

@@ -23,7 +23,8 @@ use tokio::time::Instant;
 
 use crate::client::HttpClient;
 use crate::config::{Config, RouteConfig, Unmatched};
-use passthrough::{Attempts, BoxHttp, CircuitState, Circuits};
+pub use passthrough::CircuitState;
+use passthrough::{Attempts, BoxHttp, Circuits};
 use rescue::ProxyError;
 use route::RouteTable;
 use target::{Target, TargetError};
