@@ -30,14 +30,21 @@ enum Command {
         #[arg(short, long, env = "SPILLWAY_CONFIG")]
         config: PathBuf,
     },
+    /// Inspect and act on deferred jobs through the admin API.
+    Jobs(spillway::cli::jobs::JobsArgs),
+    /// Inspect routes; pause, resume or replay them through the admin API.
+    Routes(spillway::cli::routes::RoutesArgs),
 }
 
-/// Exit codes: 0 clean exit, 1 bad config, 2 startup failure.
+/// Exit codes: `run`/`check`: 0 clean exit, 1 bad config, 2 startup failure; `jobs` and
+/// `routes` list theirs under `--help`.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => spillway::cli::check::run(&config),
         Command::Run { config } => run(&config),
+        Command::Jobs(args) => spillway::cli::jobs::run(args),
+        Command::Routes(args) => spillway::cli::routes::run(args),
     }
 }
 

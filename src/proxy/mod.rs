@@ -23,7 +23,8 @@ use tokio::time::Instant;
 
 use crate::client::HttpClient;
 use crate::config::{Config, RouteConfig, Unmatched};
-use passthrough::{Attempts, BoxHttp};
+pub use passthrough::CircuitState;
+use passthrough::{Attempts, BoxHttp, Circuits};
 use rescue::ProxyError;
 use route::RouteTable;
 use target::{Target, TargetError};
@@ -46,6 +47,7 @@ pub struct Proxy {
     limits: crate::config::Limits,
     tunnels: Arc<tokio::sync::Semaphore>,
     deferrer: Option<Arc<defer::Deferrer>>,
+    circuits: Circuits,
 }
 
 impl Proxy {
@@ -54,6 +56,7 @@ impl Proxy {
         client: HttpClient,
         deferrer: Option<Arc<defer::Deferrer>>,
     ) -> Self {
+        let circuits = Circuits::default();
         let routes = config
             .routes
             .iter()
@@ -61,7 +64,7 @@ impl Proxy {
                 let h = if r.deferrable {
                     Handler::Deferred
                 } else {
-                    Handler::Passthrough(passthrough::mk_passthrough(r, client.clone()))
+                    Handler::Passthrough(passthrough::mk_passthrough(r, client.clone(), &circuits))
                 };
                 (r.clone(), h)
             })
@@ -74,7 +77,14 @@ impl Proxy {
             limits: config.limits.clone(),
             tunnels: Arc::new(tokio::sync::Semaphore::new(config.limits.max_tunnels)),
             deferrer,
+            circuits,
         }
+    }
+
+    /// The breaker state of a passthrough route that has a `circuit_breaker`; `None`
+    /// for other routes. Cheap: one short lock, for the admin API and metrics.
+    pub fn circuit_state(&self, route: &str) -> Option<CircuitState> {
+        self.circuits.state(route)
     }
 
     /// Serves one request; never fails (errors become responses here).
