@@ -17,4 +17,5 @@ pub mod config;
 pub mod dispatch;
 pub mod proxy;
 pub mod queue;
+pub mod reload;
 pub mod telemetry;

@@ -64,6 +64,9 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        // Before the listening lines: SIGHUP would kill a process without its handler.
+        app.runtime().watch();
+        app.report_listeners();
         wait_for_signal().await;
         tracing::info!("shutdown signal received; draining");
         app.shutdown().await;
