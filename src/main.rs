@@ -14,10 +14,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy and admin listeners.
+    ///
+    /// The config reloads on SIGHUP and when the file changes; keys that need a restart
+    /// (listeners, storage) say so in the log and keep their running value.
     Run {
         /// The YAML config file.
         #[arg(short, long, env = "SPILLWAY_CONFIG")]
         config: PathBuf,
+        /// Reload on SIGHUP only, not when the file changes (for tools that write the
+        /// file in several steps).
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Validate a config file without starting anything; prints `ok` and the routes.
     Check {
@@ -32,11 +39,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => spillway::cli::check::run(&config),
-        Command::Run { config } => run(&config),
+        Command::Run { config, no_watch } => run(&config, !no_watch),
     }
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
+fn run(path: &std::path::Path, watch_file: bool) -> ExitCode {
     let config = match spillway::config::load(path) {
         Ok(c) => c,
         Err(errs) => {
@@ -65,7 +72,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
         };
         // Before the listening lines: SIGHUP would kill a process without its handler.
-        app.runtime().watch();
+        app.runtime().watch(watch_file);
         app.report_listeners();
         wait_for_signal().await;
         tracing::info!("shutdown signal received; draining");

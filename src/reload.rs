@@ -101,6 +101,9 @@ pub struct ReloadSummary {
     pub settings: Vec<&'static str>,
     /// Keys whose new value waits for a restart; their running value stays.
     pub needs_restart: Vec<String>,
+    /// Not a change but the state after it: routes with jobs stored and no deferrable
+    /// route of that name configured (see [`Runtime::orphaned_routes`]).
+    pub orphaned: Vec<String>,
 }
 
 impl ReloadSummary {
@@ -266,6 +269,14 @@ impl Runtime {
         let deferrer = deferrer(&self.store, &self.admin_base, &running);
         self.proxy.swap(&config, deferrer, &unchanged);
         self.config.store(Arc::new(config));
+        drop(running);
+        summary.orphaned = match self.orphaned_routes().await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the routes that have stored jobs");
+                Vec::new()
+            }
+        };
         ReloadOutcome::Applied(summary)
     }
 
@@ -331,6 +342,9 @@ impl Runtime {
                 for key in &s.needs_restart {
                     tracing::warn!(trigger = trigger.as_str(), %file, %key, "config reload: `{key}` changed, which needs a restart; the running value stays until then");
                 }
+                if !s.orphaned.is_empty() {
+                    tracing::warn!(trigger = trigger.as_str(), orphaned = ?s.orphaned, "routes with stored jobs are not configured as deferrable; their jobs stay stored and deliver when the route returns");
+                }
                 if s.is_empty() {
                     tracing::info!(
                         trigger = trigger.as_str(),
@@ -380,10 +394,10 @@ impl Runtime {
         }
     }
 
-    /// Reloads on `SIGHUP` and on changes of the config file, until shutdown. Call once,
-    /// before telling anyone the process is up: `SIGHUP` kills a process that has no
-    /// handler for it.
-    pub fn watch(self: &Arc<Self>) {
+    /// Reloads on `SIGHUP` and, with `watch_file`, on changes of the config file, until
+    /// shutdown. Call once, before telling anyone the process is up: `SIGHUP` kills a
+    /// process that has no handler for it.
+    pub fn watch(self: &Arc<Self>, watch_file: bool) {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => Some(s),
@@ -394,7 +408,11 @@ impl Runtime {
         };
         let path = self.config.load().source.clone();
         let changed = Arc::new(Notify::new());
-        let watcher = watch_file(&path, changed.clone());
+        let watcher = if watch_file {
+            watch_dir(&path, changed.clone())
+        } else {
+            None
+        };
         *self.last_text.lock() = std::fs::read_to_string(&path).ok();
         let rt = self.clone();
         self.tasks.spawn(async move {
@@ -490,7 +508,7 @@ fn deferrer(
 
 /// Watches the file's directory (and, for a symlink, its target's), and wakes `changed`
 /// for events that may concern the file. `None` (logged) when the platform refuses.
-fn watch_file(path: &Path, changed: Arc<Notify>) -> Option<Debouncer<RecommendedWatcher>> {
+fn watch_dir(path: &Path, changed: Arc<Notify>) -> Option<Debouncer<RecommendedWatcher>> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut names = HashSet::new();
     let mut dirs = Vec::new();

@@ -55,14 +55,20 @@ pub struct Spillway {
     pub dir: tempfile::TempDir,
     pub log: PathBuf,
     runs: usize,
+    args: Vec<String>,
 }
 
-fn spawn(dir: &std::path::Path, run: usize) -> (Child, SocketAddr, SocketAddr, PathBuf) {
+fn spawn(
+    dir: &std::path::Path,
+    run: usize,
+    args: &[String],
+) -> (Child, SocketAddr, SocketAddr, PathBuf) {
     let cfg = dir.join("spillway.yaml");
     let log = dir.join(format!("spillway-{run}.log"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_spillway"))
         .args(["run", "-c"])
         .arg(&cfg)
+        .args(args)
         .env("SPILLWAY_LOG_FORMAT", "json")
         .env("SPILLWAY_LOG", "info")
         .stdout(Stdio::piped())
@@ -109,10 +115,16 @@ impl Spillway {
     /// Starts the binary on `yaml`; the config's listeners should use port 0. `{data}`
     /// in the text is replaced by a fresh directory.
     pub fn start(yaml: &str) -> Spillway {
+        Spillway::start_with_args(yaml, &[])
+    }
+
+    /// [`Spillway::start`] with more arguments after `run -c FILE`.
+    pub fn start_with_args(yaml: &str, args: &[&str]) -> Spillway {
         let dir = tempfile::tempdir().unwrap();
         let yaml = yaml.replace("{data}", &dir.path().display().to_string());
         std::fs::write(dir.path().join("spillway.yaml"), yaml).unwrap();
-        let (child, proxy, admin, log) = spawn(dir.path(), 0);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, proxy, admin, log) = spawn(dir.path(), 0, &args);
         Spillway {
             child,
             proxy,
@@ -120,6 +132,7 @@ impl Spillway {
             dir,
             log,
             runs: 1,
+            args,
         }
     }
 
@@ -133,7 +146,7 @@ impl Spillway {
     /// data directory (new ports).
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, proxy, admin, log) = spawn(self.dir.path(), self.runs);
+        let (child, proxy, admin, log) = spawn(self.dir.path(), self.runs, &self.args);
         self.runs += 1;
         self.child = child;
         self.proxy = proxy;
