@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod dispatch;
 pub mod proxy;
 pub mod queue;
