@@ -44,7 +44,7 @@ use crate::queue::{JobId, JobState, JobStore};
 const DEFERRED: &str = "webhooks";
 /// How long one direct call may take, like the route's per-attempt timeout.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
-const BAR: usize = 32;
+const BAR: usize = 24;
 
 /// What `spillway demo` was asked to do.
 #[derive(Clone, Debug)]
@@ -779,7 +779,7 @@ impl View {
                 "passthru",
                 self.passthrough_done,
                 self.passthrough_n,
-                &format!("of {} synchronous calls answered", self.passthrough_n),
+                &format!("of {} calls answered", self.passthrough_n),
             ),
             format!("  {:.1}s", self.elapsed.as_secs_f64()),
         ]

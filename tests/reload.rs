@@ -317,3 +317,45 @@ async fn a_changed_deferrable_route_delivers_new_jobs_to_its_new_upstream() {
     assert_eq!(b.requests()[0].headers["idempotency-key"], "after");
     assert_eq!(a.count(), 1);
 }
+
+#[tokio::test]
+async fn an_unchanged_route_keeps_its_breaker_and_a_changed_one_starts_afresh() {
+    let up = FlakyUpstream::start(|_, _| Action::status(503)).await;
+    let breaker = |open_for: &str| {
+        route(
+            "brk",
+            up.addr,
+            &format!(
+                "    retry: {{ max_attempts: 1 }}\n    circuit_breaker: {{ consecutive_failures: 2, open_for: {open_for} }}\n"
+            ),
+        )
+    };
+    let sw = Spillway::start_with_args(&config(&[breaker("1h")]), &["--no-watch"]);
+    assert_eq!(status(&sw, "brk.test").await, 503);
+    assert_eq!(status(&sw, "brk.test").await, 503);
+    let open = send(sw.proxy, get("/x", "brk.test")).await;
+    assert_eq!(open.header("spillway-error"), Some("circuit_open"));
+    assert_eq!(up.count(), 2);
+
+    // Another route changes; this one does not, so its breaker stays open.
+    rewrite(&sw, &config(&[breaker("1h"), route("other", up.addr, "")]));
+    sighup(&sw);
+    eventually("the new route answers", || async {
+        status(&sw, "other.test").await == 503
+    })
+    .await;
+    let calls = up.count();
+    let still = send(sw.proxy, get("/x", "brk.test")).await;
+    assert_eq!(still.header("spillway-error"), Some("circuit_open"));
+    assert_eq!(up.count(), calls);
+
+    // Its own config changes: a fresh breaker lets the next request through.
+    rewrite(&sw, &config(&[breaker("2h"), route("other", up.addr, "")]));
+    sighup(&sw);
+    eventually("the changed route reaches its upstream again", || async {
+        let before = up.count();
+        let a = send(sw.proxy, get("/x", "brk.test")).await;
+        a.header("spillway-error").is_none() && up.count() == before + 1
+    })
+    .await;
+}
