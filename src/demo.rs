@@ -117,6 +117,8 @@ struct Seen {
     calls: AtomicU64,
     /// Idempotency keys the upstream answered 2xx, with how often.
     accepted_keys: Mutex<HashMap<String, u32>>,
+    /// 429s sent to spillway's deliveries (their keys start with `demo-`).
+    slow_downs: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +195,9 @@ async fn answer(
             (StatusCode::OK, false)
         }
     };
+    if retry_after && key.as_deref().is_some_and(|k| k.starts_with("demo-")) {
+        seen.slow_downs.fetch_add(1, Ordering::Relaxed);
+    }
     if status.is_success() {
         if let Some(k) = key {
             *seen.accepted_keys.lock().entry(k).or_default() += 1;
@@ -507,6 +512,10 @@ async fn demo(opts: Options) -> Result<bool, DemoError> {
     let mut last_plain = None::<Instant>;
     let mut drawn = 0;
     let mut traffic = Some(traffic);
+    // Ctrl-C ends the demo like --timeout does, so the summary still prints and the
+    // temporary store is removed.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
         let traffic_done = traffic.as_ref().is_none_or(|t| t.is_finished());
         if traffic_done {
@@ -547,7 +556,17 @@ async fn demo(opts: Options) -> Result<bool, DemoError> {
             }
             break;
         }
-        tokio::time::sleep(Duration::from_millis(if opts.tty { 200 } else { 250 })).await;
+        let tick = Duration::from_millis(if opts.tty { 200 } else { 250 });
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = &mut interrupted => {
+                out.line("interrupted; stopping");
+                if let Some(t) = traffic.take() {
+                    t.abort();
+                }
+                break;
+            }
+        }
     }
     if !opts.tty {
         let s = store.stats(DEFERRED).await.unwrap_or_default();
@@ -620,7 +639,7 @@ async fn demo(opts: Options) -> Result<bool, DemoError> {
     if report.unfinished > 0 {
         let _ = writeln!(
             s,
-            "    unfinished: {} (stored and still retrying when --timeout ran out)",
+            "    unfinished: {} (stored and still retrying when the demo was stopped)",
             report.unfinished
         );
     }
@@ -632,6 +651,13 @@ async fn demo(opts: Options) -> Result<bool, DemoError> {
         report.max_attempts,
         report.retried
     );
+    let slow_downs = upstream.seen.slow_downs.load(Ordering::Relaxed);
+    if slow_downs > 0 {
+        let _ = writeln!(
+            s,
+            "    the upstream said 429 + Retry-After {slow_downs} time(s) to deliveries; each time the whole route paused for as long as asked"
+        );
+    }
     if repeats > 0 {
         let _ = writeln!(
             s,
