@@ -18,7 +18,8 @@
 //!   lazily was left out on purpose: the admin API and readiness are wired to the store at
 //!   startup, so a store opened later would be one they cannot see.
 //! - **Invalid file**: every error is logged with file:line:col and key; the running config
-//!   stays, whole.
+//!   stays, whole. So does a file with nothing but blanks and comments: valid at startup, but
+//!   on a running process most likely one caught mid-write.
 //! - **Removed routes**: the dispatcher stops, the jobs stay stored (listed by
 //!   [`Runtime::orphaned_routes`]); when the route returns, delivery resumes.
 //!
@@ -238,9 +239,19 @@ impl Runtime {
         let outcome = match read(&path).await {
             Ok(text) => {
                 *self.last_text.lock() = Some(text.clone());
-                match crate::config::from_str(&text, &path) {
-                    Ok(config) => self.apply(config).await,
-                    Err(errs) => ReloadOutcome::Rejected(errs),
+                if is_blank(&text) {
+                    ReloadOutcome::Rejected(ConfigErrors(vec![ConfigError {
+                        file: path.clone(),
+                        line: None,
+                        column: None,
+                        key_path: String::new(),
+                        message: "the file is empty (truncated, or a write in progress?); an empty file would remove every route".into(),
+                    }]))
+                } else {
+                    match crate::config::from_str(&text, &path) {
+                        Ok(config) => self.apply(config).await,
+                        Err(errs) => ReloadOutcome::Rejected(errs),
+                    }
                 }
             }
             Err(errs) => ReloadOutcome::Rejected(errs),
@@ -444,6 +455,15 @@ async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> 
         Some(s) => s.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Nothing but blanks and comments. Valid YAML, and a valid (empty) config at startup,
+/// but on a running process far more likely a file caught mid-write than a wish to
+/// drop every route.
+fn is_blank(text: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .all(|l| l.is_empty() || l.starts_with('#'))
 }
 
 async fn read(path: &Path) -> Result<String, ConfigErrors> {
@@ -699,6 +719,13 @@ routes:
     upstream: http://127.0.0.1:9000
     deferrable: true
 ";
+
+    #[test]
+    fn blank_files_are_told_apart_from_configs() {
+        assert!(is_blank(""));
+        assert!(is_blank("\n  \n# only a comment\n   # another\n"));
+        assert!(!is_blank("# a comment\nroutes: []\n"));
+    }
 
     #[test]
     fn same_file_is_an_empty_summary() {

@@ -177,6 +177,15 @@ async fn an_invalid_file_keeps_the_running_config_and_logs_every_error() {
         status(&sw, "two.test").await == 200
     })
     .await;
+
+    // A truncated file is refused rather than read as "no routes".
+    std::fs::write(sw.dir.path().join("spillway.yaml"), "").unwrap();
+    sighup(&sw);
+    eventually("the empty file is refused", || async {
+        !log_lines(&sw, "the file is empty").is_empty()
+    })
+    .await;
+    assert_eq!(status(&sw, "two.test").await, 200);
 }
 
 #[tokio::test]
