@@ -261,7 +261,8 @@ impl Runtime {
     }
 
     /// Applies a validated config: dispatchers first (a new route's dispatcher is there
-    /// before its first accept), then the proxy's route table in one swap.
+    /// before its first accept), then the proxy's route table in one swap. Neither logs
+    /// nor runs the hooks; [`Runtime::reload`] does both.
     pub async fn apply(&self, new: Config) -> ReloadOutcome {
         let mut running = self.dispatchers.lock().await;
         let old = self.config.load_full();
