@@ -474,7 +474,16 @@ fn rel(path: &Path) -> String {
 const SCRAPE_LABELS: [&str; 4] = ["job", "instance", "namespace", "pod"];
 
 async fn scrape(admin: SocketAddr) -> (u16, String) {
-    let a = send(admin, get("/metrics", "spillway")).await;
+    scrape_as(admin, None).await
+}
+
+/// `/metrics`, as Prometheus asks for it when `accept` is OpenMetrics.
+async fn scrape_as(admin: SocketAddr, accept: Option<&str>) -> (u16, String) {
+    let mut req = get("/metrics", "spillway");
+    if let Some(a) = accept {
+        req.headers_mut().insert("accept", a.parse().unwrap());
+    }
+    let a = send(admin, req).await;
     (a.status, String::from_utf8_lossy(&a.body).into_owned())
 }
 
@@ -485,6 +494,7 @@ async fn alerts_and_dashboard_name_only_metrics_spillway_exports() {
     let up = FlakyUpstream::start(move |_, r| match r.uri.as_str() {
         "/dead" => Action::status(400),
         "/flaky" if !flaked.swap(true, Ordering::SeqCst) => Action::status(503),
+        "/down" => Action::status(503),
         _ => Action::status(200),
     })
     .await;
@@ -493,8 +503,15 @@ async fn alerts_and_dashboard_name_only_metrics_spillway_exports() {
     match: {{ host: limited.test }}
     upstream: http://{}
     rate_limit: {{ per_second: 1, burst: 1 }}
+  - name: budget
+    match: {{ host: budget.test }}
+    upstream: http://{}
+    retry:
+      max_attempts: 3
+      retry_on: [503]
+      backoff: {{ initial: 1ms, max: 1ms, jitter: none }}
 ",
-        up.addr
+        up.addr, up.addr
     );
     let sw = Spillway::start(&(config(up.addr) + &limited));
     let (status, body) = scrape(sw.admin).await;
@@ -509,6 +526,14 @@ async fn alerts_and_dashboard_name_only_metrics_spillway_exports() {
     let mut post = get("/v1/events", "hooks.test");
     *post.method_mut() = http::Method::POST;
     assert_eq!(send(sw.proxy, post).await.status, 202);
+    for _ in 0..2 {
+        let mut keyed = get("/v1/events", "hooks.test");
+        *keyed.method_mut() = http::Method::POST;
+        keyed
+            .headers_mut()
+            .insert("idempotency-key", "same".parse().unwrap());
+        assert_eq!(send(sw.proxy, keyed).await.status, 202);
+    }
     let mut dead = get("/dead", "hooks.test");
     *dead.method_mut() = http::Method::POST;
     assert_eq!(send(sw.proxy, dead).await.status, 202);
@@ -522,6 +547,23 @@ async fn alerts_and_dashboard_name_only_metrics_spillway_exports() {
         }
     }
     assert!(refused, "the 1/s rate limit never answered 429");
+    // An upstream that always fails spends the route's retry budget (two retries a request
+    // against a reserve of about a hundred): bounded, checked every ten requests.
+    let mut spent = false;
+    for i in 0..400 {
+        assert_eq!(
+            send(sw.proxy, get("/down", "budget.test")).await.status,
+            503
+        );
+        if i % 10 == 9 {
+            let (_, text) = scrape(sw.admin).await;
+            if text.contains("spillway_retry_budget_exhausted_total{") {
+                spent = true;
+                break;
+            }
+        }
+    }
+    assert!(spent, "the retry budget was never exhausted");
     assert_eq!(send(sw.proxy, get("/", "nowhere.test")).await.status, 403);
     eventually("a delivery and a dead letter in the scrape", || async {
         let (_, text) = scrape(sw.admin).await;
@@ -530,8 +572,15 @@ async fn alerts_and_dashboard_name_only_metrics_spillway_exports() {
             && e.labels.contains_key("spillway_dead_lettered_total")
     })
     .await;
+    // Both formats: the families without series yet (a retry budget never spent) may show
+    // only in the OpenMetrics one, as `# TYPE` lines.
     let (_, text) = scrape(sw.admin).await;
-    let exp = Exposition::parse(&text);
+    let (_, om) = scrape_as(
+        sw.admin,
+        Some("application/openmetrics-text; version=1.0.0"),
+    )
+    .await;
+    let exp = Exposition::parse(&format!("{text}\n{om}"));
 
     let mut known_labels: BTreeSet<String> = SCRAPE_LABELS.iter().map(|s| s.to_string()).collect();
     for set in exp.labels.values() {
