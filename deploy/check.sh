@@ -50,7 +50,8 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 echo "-- spillway check: the pod's config"
-[ -x target/debug/spillway ] || cargo build -q --bin spillway
+# Built from this tree (a no-op after cargo test).
+cargo build -q --bin spillway
 target/debug/spillway check -c deploy/kubernetes/base/spillway.yaml
 
 echo "-- kubernetes: render with kustomize, validate against $K8S_VERSION (strict)"
