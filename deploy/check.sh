@@ -52,7 +52,8 @@ trap 'rm -rf "$tmp"' EXIT
 echo "-- spillway check: the pod's config"
 # Built from this tree (a no-op after cargo test).
 cargo build -q --bin spillway
-target/debug/spillway check -c deploy/kubernetes/base/spillway.yaml
+spillway="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/spillway"
+"$spillway" check -c deploy/kubernetes/base/spillway.yaml
 
 echo "-- kubernetes: render with kustomize, validate against $K8S_VERSION (strict)"
 manifests=(deploy/kubernetes/base/deployment.yaml
@@ -104,7 +105,7 @@ if command -v systemd-analyze >/dev/null; then
     mkdir -p "$tmp/systemd"
     cp -r deploy/systemd/. "$tmp/systemd/"
     # verify wants the ExecStart binaries to exist: point them at the one just built.
-    sed -i "s#/usr/local/bin/spillway#$PWD/target/debug/spillway#g" "$tmp"/systemd/*.service
+    sed -i "s#/usr/local/bin/spillway#$spillway#g" "$tmp"/systemd/*.service
     # Unknown keys are only warnings for systemd; any output fails here.
     out="$(cd "$tmp/systemd" && SYSTEMD_LOG_LEVEL=notice systemd-analyze verify --man=no \
         ./spillway.service ./legacy-app.service 2>&1)" || { echo "$out"; exit 1; }
