@@ -272,6 +272,90 @@ async fn python_requests_through_http_proxy_defers_and_passes_through() {
     assert!(up.requests().iter().any(|r| r.uri == "/v1/quotes/7"));
 }
 
+/// A plain Java 11+ `HttpClient` with the default proxy selector, which follows the
+/// `http.proxyHost`/`http.proxyPort` system properties (Java ignores HTTP_PROXY).
+const JAVA_CLIENT: &str = r#"
+import java.net.URI;
+import java.net.http.HttpClient;
+import java.net.http.HttpRequest;
+import java.net.http.HttpResponse;
+
+public class Client {
+    public static void main(String[] args) throws Exception {
+        HttpRequest.Builder b = HttpRequest.newBuilder(URI.create(args[0]));
+        if (args.length > 1) {
+            b.header("content-type", "application/json")
+                .POST(HttpRequest.BodyPublishers.ofString(args[1]));
+        }
+        HttpResponse<String> r = HttpClient.newHttpClient()
+            .send(b.build(), HttpResponse.BodyHandlers.ofString());
+        System.out.println("HTTP/1.1 " + r.statusCode());
+        r.headers().map().forEach((k, v) -> System.out.println(k + ": " + v.get(0)));
+        System.out.println();
+        System.out.print(r.body());
+    }
+}
+"#;
+
+async fn java(
+    proxy: SocketAddr,
+    dir: &Path,
+    args: &[&str],
+) -> (u16, BTreeMap<String, String>, String) {
+    let out = tokio::process::Command::new("java")
+        .arg(format!("-Dhttp.proxyHost={}", proxy.ip()))
+        .arg(format!("-Dhttp.proxyPort={}", proxy.port()))
+        .arg("-Dhttp.nonProxyHosts=localhost|127.0.0.1|[::1]")
+        .arg(dir.join("Client.java"))
+        .args(args)
+        .env_remove("JAVA_TOOL_OPTIONS")
+        .env_remove("JDK_JAVA_OPTIONS")
+        .output()
+        .await
+        .expect("java runs");
+    parse_curl(&out)
+}
+
+#[tokio::test]
+async fn java_with_proxy_properties_defers_and_passes_through() {
+    // Not installed by .ci/run: the machine image has a JDK; skipped where it has none.
+    if Command::new("java").arg("-version").output().is_err() {
+        eprintln!("SKIPPED: java is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Client.java"), JAVA_CLIENT).unwrap();
+    let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let sw = Spillway::start(&config(up.addr));
+
+    let (status, headers, body) = java(
+        sw.proxy,
+        dir.path(),
+        &["http://hooks.test/v1/events", r#"{"n":3}"#],
+    )
+    .await;
+    assert_eq!(status, 202, "{headers:?} {body}");
+    let job = headers.get("spillway-job-id").expect("a job id");
+    assert!(body.contains(job.as_str()), "{body}");
+    eventually("the job is delivered", || async {
+        up.requests().iter().any(|r| r.method == "POST")
+    })
+    .await;
+    let delivered = up
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST")
+        .unwrap();
+    assert_eq!(delivered.uri, "/v1/events");
+    assert_eq!(delivered.body, r#"{"n":3}"#);
+
+    let (status, headers, body) =
+        java(sw.proxy, dir.path(), &["http://api.test/v1/quotes/9"]).await;
+    assert_eq!(status, 200, "{headers:?} {body}");
+    assert_eq!(body, "upstream says hi");
+    assert!(headers.contains_key("x-request-id"), "{headers:?}");
+}
+
 // === the pod's config ===
 
 #[test]
