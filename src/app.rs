@@ -132,7 +132,9 @@ impl App {
             })),
             _ => None,
         };
-        let proxy = Arc::new(Proxy::new(&config, client.clone(), deferrer));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let proxy =
+            Arc::new(Proxy::new(&config, client.clone(), deferrer).with_metrics(metrics.clone()));
         let proxy_task = tokio::spawn(server::serve(
             proxy_listener,
             proxy.clone(),
@@ -140,7 +142,12 @@ impl App {
             stop.clone(),
         ));
         let admin_stop = stop.clone();
-        let router = admin::router(ready.clone(), store.clone());
+        let scrape = crate::metrics::Scrape {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            source: proxy.clone(),
+        };
+        let router = admin::router(ready.clone(), store.clone(), scrape);
         let admin_task = tokio::spawn(async move {
             let serve = axum::serve(admin_listener, router)
                 .with_graceful_shutdown(async move { admin_stop.cancelled().await });
@@ -161,7 +168,8 @@ impl App {
                     w.clone(),
                     stop.clone(),
                     tasks.clone(),
-                );
+                )
+                .with_metrics(metrics.clone());
                 tasks.spawn(d.run());
             }
             tasks.spawn(purge(store.clone(), stop.clone()));

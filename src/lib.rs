@@ -15,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dispatch;
+pub mod metrics;
 pub mod proxy;
 pub mod queue;
 pub mod telemetry;

@@ -1,4 +1,4 @@
-//! The admin listener: health and readiness now; jobs, routes and metrics join it.
+//! The admin listener: health, readiness and metrics now; jobs and routes join it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,8 +30,13 @@ struct AdminState {
     store: Option<Arc<dyn JobStore>>,
 }
 
-pub fn router(ready: Readiness, store: Option<Arc<dyn JobStore>>) -> Router {
+pub fn router(
+    ready: Readiness,
+    store: Option<Arc<dyn JobStore>>,
+    metrics: crate::metrics::Scrape,
+) -> Router {
     Router::new()
+        .route("/metrics", crate::metrics::endpoint(metrics))
         .route(
             "/healthz",
             get(|| async { Json(json!({ "status": "alive" })) }),

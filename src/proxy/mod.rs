@@ -20,10 +20,13 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::client::HttpClient;
 use crate::config::{Config, RouteConfig, Unmatched};
-use passthrough::{Attempts, BoxHttp};
+use crate::metrics::{Metrics, Mode};
+pub use passthrough::CircuitState;
+use passthrough::{Attempts, BoxHttp, BreakerLayer, Observe};
 use rescue::ProxyError;
 use route::RouteTable;
 use target::{Target, TargetError};
@@ -46,6 +49,9 @@ pub struct Proxy {
     limits: crate::config::Limits,
     tunnels: Arc<tokio::sync::Semaphore>,
     deferrer: Option<Arc<defer::Deferrer>>,
+    /// Each passthrough route's breaker, for [`Proxy::circuit_state`].
+    breakers: Vec<(String, BreakerLayer)>,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
@@ -54,6 +60,7 @@ impl Proxy {
         client: HttpClient,
         deferrer: Option<Arc<defer::Deferrer>>,
     ) -> Self {
+        let mut breakers = Vec::new();
         let routes = config
             .routes
             .iter()
@@ -61,7 +68,15 @@ impl Proxy {
                 let h = if r.deferrable {
                     Handler::Deferred
                 } else {
-                    Handler::Passthrough(passthrough::mk_passthrough(r, client.clone()))
+                    let breaker = r.circuit_breaker.map(BreakerLayer::new);
+                    if let Some(b) = &breaker {
+                        breakers.push((r.name.clone(), b.clone()));
+                    }
+                    Handler::Passthrough(passthrough::mk_passthrough_with_breaker(
+                        r,
+                        client.clone(),
+                        breaker,
+                    ))
                 };
                 (r.clone(), h)
             })
@@ -74,7 +89,24 @@ impl Proxy {
             limits: config.limits.clone(),
             tunnels: Arc::new(tokio::sync::Semaphore::new(config.limits.max_tunnels)),
             deferrer,
+            breakers,
+            // Counted but not exported until `with_metrics` shares the exported registry.
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Reports into `metrics` (the registry the admin listener exports).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The circuit breaker state of a passthrough route; `None` for routes without one.
+    pub fn circuit_state(&self, route: &str) -> Option<CircuitState> {
+        self.breakers
+            .iter()
+            .find(|(name, _)| name == route)
+            .map(|(_, b)| b.state())
     }
 
     /// Serves one request; never fails (errors become responses here).
@@ -85,11 +117,45 @@ impl Proxy {
         let attempts = Attempts::default();
         let mut route_name = "-".to_owned();
         let mut path = String::new();
+        let mut mode = Mode::None;
+        let span = tracing::info_span!(
+            "proxy.request",
+            otel.kind = "server",
+            method = %method,
+            route = tracing::field::Empty,
+            mode = tracing::field::Empty,
+            status = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        crate::telemetry::continue_from(&span, req.headers());
 
         let result = self
-            .handle(req, &attempts, &mut route_name, &mut path)
+            .handle(req, &attempts, &mut route_name, &mut path, &mut mode)
+            .instrument(span.clone())
             .await;
-        let mut rsp = result.unwrap_or_else(ProxyError::into_response);
+        let route_label = if mode == Mode::None {
+            crate::metrics::NO_ROUTE
+        } else {
+            route_name.as_str()
+        };
+        let mut rsp = match result {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                // Upstream failures are counted per attempt; the rest are refusals.
+                if e.failure_class().is_none() {
+                    self.metrics.rejected(route_label, e.code());
+                }
+                e.into_response()
+            }
+        };
+        self.metrics
+            .request(route_label, mode, rsp.status().as_u16(), start.elapsed());
+        span.record("route", route_label);
+        span.record("mode", mode.as_str());
+        span.record("status", rsp.status().as_u16());
+        if rsp.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             rsp.headers_mut().insert("x-request-id", v);
         }
@@ -114,6 +180,7 @@ impl Proxy {
         attempts: &Attempts,
         route_name: &mut String,
         log_path: &mut String,
+        mode: &mut Mode,
     ) -> Result<Response<Body>, ProxyError> {
         let target = target::normalise(&req).map_err(|e| match e {
             TargetError::HostMismatch { .. } => ProxyError::HostMismatch(e.to_string()),
@@ -134,6 +201,7 @@ impl Proxy {
                 .find_connect(&target.host, port)
                 .ok_or_else(|| ProxyError::NoRoute(format!("CONNECT {}", target.authority())))?;
             route_name.clone_from(&route.name);
+            *mode = Mode::Connect;
             return tunnel::connect(req, &target, &self.tunnels, &self.limits).await;
         }
 
@@ -155,8 +223,12 @@ impl Proxy {
         if let Some(r) = route {
             route_name.clone_from(&r.name);
         } else {
-            route_name.push_str("unmatched");
+            route_name.push_str(crate::metrics::UNMATCHED);
         }
+        *mode = match handler {
+            Handler::Passthrough(_) => Mode::Passthrough,
+            Handler::Deferred => Mode::Deferred,
+        };
 
         let mut upstream_req = self.buffer(req).await?;
         rewrite(&mut upstream_req, route.map(|r| &**r), &target)?;
@@ -164,7 +236,7 @@ impl Proxy {
         let svc = match (handler, route, &self.deferrer) {
             (Handler::Passthrough(svc), _, _) => svc,
             (Handler::Deferred, Some(route), Some(deferrer)) => {
-                return Ok(deferrer.accept(route, upstream_req).await);
+                return Ok(deferrer.accept(route, upstream_req, &self.metrics).await);
             }
             (Handler::Deferred, _, _) => {
                 return Err(ProxyError::NotImplemented(
@@ -173,6 +245,10 @@ impl Proxy {
             }
         };
         upstream_req.extensions_mut().insert(attempts.clone());
+        upstream_req.extensions_mut().insert(Observe {
+            metrics: self.metrics.clone(),
+            route: Arc::from(route_name.as_str()),
+        });
 
         let mut svc = svc;
         use tower::{Service, ServiceExt};
@@ -266,4 +342,21 @@ fn request_id<B>(req: &mut Request<B>) -> String {
         req.headers_mut().insert("x-request-id", v);
     }
     id
+}
+
+impl crate::metrics::ScrapeSource for Proxy {
+    fn queue_routes(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|(r, _)| r.deferrable)
+            .map(|(r, _)| r.name.clone())
+            .collect()
+    }
+
+    fn circuits(&self) -> Vec<(String, CircuitState)> {
+        self.breakers
+            .iter()
+            .map(|(name, b)| (name.clone(), b.state()))
+            .collect()
+    }
 }

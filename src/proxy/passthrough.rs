@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::{option_layer, BoxCloneSyncService};
 use tower::{Layer, Service, ServiceExt};
+use tracing::Instrument;
 
 use super::rescue::ProxyError;
 use super::stack::Stack;
@@ -25,6 +26,7 @@ use super::Body;
 use crate::backoff;
 use crate::client::HttpClient;
 use crate::config::{BreakerConfig, RateLimit as RateLimitConfig, RouteConfig};
+use crate::metrics::{Limit, Metrics, Mode, UpstreamOutcome};
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = Result<T, ProxyError>> + Send>>;
 
@@ -42,12 +44,30 @@ impl Attempts {
     }
 }
 
+/// Where a passthrough request's layers report: the metrics and the route's label. Travels
+/// in the request's extensions, like [`Attempts`].
+#[derive(Clone)]
+pub struct Observe {
+    pub metrics: Arc<Metrics>,
+    pub route: Arc<str>,
+}
+
 /// Builds a passthrough route's stack, innermost first.
 pub fn mk_passthrough(route: &RouteConfig, client: HttpClient) -> BoxHttp {
+    mk_passthrough_with_breaker(route, client, route.circuit_breaker.map(BreakerLayer::new))
+}
+
+/// [`mk_passthrough`] with the route's breaker made by the caller, who keeps a handle to
+/// read its state.
+pub fn mk_passthrough_with_breaker(
+    route: &RouteConfig,
+    client: HttpClient,
+    breaker: Option<BreakerLayer>,
+) -> BoxHttp {
     Stack::new(Upstream { client })
         .push(TimeoutLayer(route.timeout)) // per attempt, so inside retry
         .push(RetryLayer::new(route)) // replays the buffered body; skips unkeyed POSTs
-        .push(option_layer(route.circuit_breaker.map(BreakerLayer::new))) // one outcome per request, after retries
+        .push(option_layer(breaker)) // one outcome per request, after retries
         .push(option_layer(route.rate_limit.map(RateLimitLayer::new))) // outermost: refuse before any work
         .check_service::<Request<Bytes>>()
         .boxed()
@@ -124,18 +144,55 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        if let Some(a) = req.extensions().get::<Attempts>() {
-            a.0.fetch_add(1, Ordering::Relaxed);
-        }
+    fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
+        let attempt = req
+            .extensions()
+            .get::<Attempts>()
+            .map_or(1, |a| a.0.fetch_add(1, Ordering::Relaxed) + 1);
+        let observe = req.extensions().get::<Observe>().cloned();
+        let span = tracing::info_span!(
+            "proxy.attempt",
+            otel.kind = "client",
+            route = observe.as_ref().map_or("", |o| &*o.route),
+            attempt,
+            status = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        // The upstream joins the trace as a child of this attempt.
+        crate::telemetry::inject(&span, req.headers_mut());
         let timeout = self.timeout;
         let fut = self.inner.call(req);
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, fut).await {
-                Ok(r) => r,
-                Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+        let started = Instant::now();
+        let record = span.clone();
+        Box::pin(
+            async move {
+                let result = match tokio::time::timeout(timeout, fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+                };
+                let outcome = match &result {
+                    Ok(rsp) => Some(UpstreamOutcome::Status(rsp.status().as_u16())),
+                    Err(e) => e.failure_class().map(UpstreamOutcome::Failed),
+                };
+                match &result {
+                    Ok(rsp) => {
+                        record.record("status", rsp.status().as_u16());
+                        if rsp.status().is_server_error() {
+                            record.record("otel.status_code", "ERROR");
+                        }
+                    }
+                    Err(_) => {
+                        record.record("otel.status_code", "ERROR");
+                    }
+                }
+                if let (Some(o), Some(outcome)) = (&observe, outcome) {
+                    o.metrics
+                        .upstream(&o.route, Mode::Passthrough, outcome, started.elapsed());
+                }
+                result
             }
-        })
+            .instrument(span),
+        )
     }
 }
 
@@ -222,8 +279,24 @@ where
                 };
                 // A connect failure sent nothing, so even a POST may go again.
                 let safe = replayable || matches!(&result, Err(ProxyError::UpstreamConnect(_)));
-                if !retryable || !safe || attempt >= max || !layer.budget.withdraw() {
+                if !retryable || !safe || attempt >= max {
                     return result;
+                }
+                let observe = req.extensions().get::<Observe>();
+                if !layer.budget.withdraw() {
+                    if let Some(o) = observe {
+                        o.metrics.retry_budget_exhausted(&o.route);
+                    }
+                    return result;
+                }
+                if let Some(o) = observe {
+                    let reason = match &result {
+                        Ok(rsp) => UpstreamOutcome::Status(rsp.status().as_u16()).reason(),
+                        Err(e) => e
+                            .failure_class()
+                            .map_or_else(|| e.code().to_owned(), |c| c.as_str().to_owned()),
+                    };
+                    o.metrics.retry(&o.route, Mode::Passthrough, &reason);
                 }
                 let mut delay = backoff::delay(&policy.backoff, attempt);
                 if policy.honor_retry_after {
@@ -253,10 +326,38 @@ fn clone_request(req: &Request<Bytes>) -> Request<Bytes> {
     if let Some(a) = req.extensions().get::<Attempts>() {
         r.extensions_mut().insert(a.clone());
     }
+    if let Some(o) = req.extensions().get::<Observe>() {
+        r.extensions_mut().insert(o.clone());
+    }
     r
 }
 
 // === impl Breaker ===
+
+/// A breaker's state as operators see it. "Open" means refusing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CircuitState {
+    Closed,
+    Open,
+    /// One trial request decides whether it closes or opens again.
+    HalfOpen,
+}
+
+impl CircuitState {
+    pub const ALL: [CircuitState; 3] = [
+        CircuitState::Closed,
+        CircuitState::Open,
+        CircuitState::HalfOpen,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+        }
+    }
+}
 
 #[derive(Debug)]
 enum BreakerState {
@@ -281,6 +382,16 @@ impl BreakerLayer {
         BreakerLayer {
             config,
             state: Arc::new(Mutex::new(BreakerState::Closed { failures: 0 })),
+        }
+    }
+
+    /// The state now. An open breaker whose `open_for` ran out reads as half-open: the
+    /// next request is its trial.
+    pub fn state(&self) -> CircuitState {
+        match *self.state.lock() {
+            BreakerState::Closed { .. } => CircuitState::Closed,
+            BreakerState::Open { until } if Instant::now() < until => CircuitState::Open,
+            BreakerState::Open { .. } | BreakerState::HalfOpen => CircuitState::HalfOpen,
         }
     }
 }
@@ -442,6 +553,10 @@ where
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         if let Err(not_until) = self.limiter.check() {
+            if let Some(o) = req.extensions().get::<Observe>() {
+                o.metrics
+                    .rate_limited(&o.route, Mode::Passthrough, Limit::RateLimit);
+            }
             let retry_after = not_until.wait_time_from(DefaultClock::default().now());
             return Box::pin(async move { Err(ProxyError::RateLimited { retry_after }) });
         }
