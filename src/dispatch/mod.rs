@@ -147,7 +147,7 @@ impl Dispatcher {
                 otel.kind = "client",
                 route = %self.route.name,
                 job_id = %job.id,
-                attempt = job.attempts,
+                attempt = i64::from(job.attempts),
                 status = tracing::field::Empty,
                 outcome = tracing::field::Empty,
                 otel.status_code = tracing::field::Empty,
@@ -281,7 +281,7 @@ impl Attempt {
                     observed,
                     started.elapsed(),
                 );
-                tracing::Span::current().record("status", status);
+                tracing::Span::current().record("status", i64::from(status));
                 let verdict = classify(
                     &Outcome::Response {
                         status,

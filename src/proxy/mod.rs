@@ -152,7 +152,7 @@ impl Proxy {
             .request(route_label, mode, rsp.status().as_u16(), start.elapsed());
         span.record("route", route_label);
         span.record("mode", mode.as_str());
-        span.record("status", rsp.status().as_u16());
+        span.record("status", i64::from(rsp.status().as_u16()));
         if rsp.status().is_server_error() {
             span.record("otel.status_code", "ERROR");
         }

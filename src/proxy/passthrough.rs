@@ -154,7 +154,7 @@ where
             "proxy.attempt",
             otel.kind = "client",
             route = observe.as_ref().map_or("", |o| &*o.route),
-            attempt,
+            attempt = i64::from(attempt),
             status = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
@@ -176,7 +176,7 @@ where
                 };
                 match &result {
                     Ok(rsp) => {
-                        record.record("status", rsp.status().as_u16());
+                        record.record("status", i64::from(rsp.status().as_u16()));
                         if rsp.status().is_server_error() {
                             record.record("otel.status_code", "ERROR");
                         }
@@ -624,6 +624,19 @@ mod tests {
             ok.call(Request::new(Bytes::new())).await.unwrap().status(),
             200
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn circuit_state_reads_closed_open_then_half_open() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = breaker(1);
+        assert_eq!(layer.state(), CircuitState::Closed);
+        let mut s = layer.layer(svc(500, calls));
+        let _ = s.call(Request::new(Bytes::new())).await;
+        assert_eq!(layer.state(), CircuitState::Open);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(layer.state(), CircuitState::HalfOpen);
+        assert_eq!(CircuitState::HalfOpen.as_str(), "half_open");
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,6 +9,9 @@
 //! `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none` is. Without them no exporter
 //! exists and no trace context is written on outgoing requests. W3C trace context moves
 //! through [`continue_from`], [`continue_from_traceparent`], [`inject`] and [`traceparent`].
+//!
+//! Integer span fields are recorded as `i64`: tracing-opentelemetry exports other integer
+//! types as strings.
 
 mod otlp;
 

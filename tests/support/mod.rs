@@ -55,9 +55,14 @@ pub struct Spillway {
     pub dir: tempfile::TempDir,
     pub log: PathBuf,
     runs: usize,
+    env: Vec<(String, String)>,
 }
 
-fn spawn(dir: &std::path::Path, run: usize) -> (Child, SocketAddr, SocketAddr, PathBuf) {
+fn spawn(
+    dir: &std::path::Path,
+    run: usize,
+    env: &[(String, String)],
+) -> (Child, SocketAddr, SocketAddr, PathBuf) {
     let cfg = dir.join("spillway.yaml");
     let log = dir.join(format!("spillway-{run}.log"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_spillway"))
@@ -65,6 +70,7 @@ fn spawn(dir: &std::path::Path, run: usize) -> (Child, SocketAddr, SocketAddr, P
         .arg(&cfg)
         .env("SPILLWAY_LOG_FORMAT", "json")
         .env("SPILLWAY_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -109,10 +115,19 @@ impl Spillway {
     /// Starts the binary on `yaml`; the config's listeners should use port 0. `{data}`
     /// in the text is replaced by a fresh directory.
     pub fn start(yaml: &str) -> Spillway {
+        Spillway::start_with_env(yaml, &[])
+    }
+
+    /// [`Spillway::start`] with extra environment variables (kept across restarts).
+    pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Spillway {
         let dir = tempfile::tempdir().unwrap();
         let yaml = yaml.replace("{data}", &dir.path().display().to_string());
         std::fs::write(dir.path().join("spillway.yaml"), yaml).unwrap();
-        let (child, proxy, admin, log) = spawn(dir.path(), 0);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (child, proxy, admin, log) = spawn(dir.path(), 0, &env);
         Spillway {
             child,
             proxy,
@@ -120,6 +135,7 @@ impl Spillway {
             dir,
             log,
             runs: 1,
+            env,
         }
     }
 
@@ -133,7 +149,7 @@ impl Spillway {
     /// data directory (new ports).
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, proxy, admin, log) = spawn(self.dir.path(), self.runs);
+        let (child, proxy, admin, log) = spawn(self.dir.path(), self.runs, &self.env);
         self.runs += 1;
         self.child = child;
         self.proxy = proxy;
