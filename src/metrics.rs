@@ -783,6 +783,7 @@ async fn serve(State(s): State<Scrape>, headers: HeaderMap) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::{Job, JobId, RouteStats, StoreError};
 
     struct NoSource;
     impl ScrapeSource for NoSource {
@@ -828,6 +829,133 @@ mod tests {
             .await;
         assert_eq!(ct, OPENMETRICS);
         assert!(om.ends_with("# EOF\n"));
+    }
+
+    /// Answers stats for `ok` and fails for every other route.
+    struct HalfBroken;
+
+    #[async_trait::async_trait]
+    impl JobStore for HalfBroken {
+        async fn enqueue(
+            &self,
+            _: crate::queue::NewJob,
+            _: u64,
+            _: u64,
+        ) -> Result<crate::queue::EnqueueOutcome, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn lease_due(&self, _: &str, _: u64, _: usize) -> Result<Vec<Job>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn ack(&self, _: JobId, _: u64) -> Result<(), StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn reschedule(
+            &self,
+            _: JobId,
+            _: u64,
+            _: crate::queue::LastOutcome,
+        ) -> Result<(), StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn dead_letter(
+            &self,
+            _: JobId,
+            _: String,
+            _: Option<crate::queue::LastOutcome>,
+        ) -> Result<(), StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn get(&self, _: JobId) -> Result<Option<Job>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn list(
+            &self,
+            _: Option<&str>,
+            _: Option<crate::queue::JobState>,
+            _: usize,
+            _: Option<JobId>,
+        ) -> Result<Vec<Job>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn retry(&self, _: JobId, _: u64) -> Result<bool, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn delete(&self, _: JobId) -> Result<bool, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn replay_dead(&self, _: &str, _: u64) -> Result<u64, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn set_paused(&self, _: &str, _: bool) -> Result<(), StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn pause_until(&self, _: &str, _: u64) -> Result<(), StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn route_control(&self, _: &str) -> Result<(bool, Option<u64>), StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn quota_acquire(
+            &self,
+            _: &str,
+            _: usize,
+            _: u64,
+            _: u64,
+            _: u64,
+        ) -> Result<Option<u64>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn next_due(&self, _: &str) -> Result<Option<u64>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn stats(&self, route: &str) -> Result<RouteStats, StoreError> {
+            if route == "ok" {
+                Ok(RouteStats {
+                    queued: 3,
+                    dead: 2,
+                    oldest_queued_created_at_ms: Some(1_000),
+                    ..RouteStats::default()
+                })
+            } else {
+                Err(StoreError::Unavailable("disk gone".into()))
+            }
+        }
+        async fn purge_expired(&self, _: u64, _: usize) -> Result<u64, StoreError> {
+            Err(StoreError::Closed)
+        }
+        fn healthy(&self) -> bool {
+            false
+        }
+    }
+
+    struct Routes(Vec<&'static str>);
+    impl ScrapeSource for Routes {
+        fn queue_routes(&self) -> Vec<String> {
+            self.0.iter().map(|r| r.to_string()).collect()
+        }
+        fn circuits(&self) -> Vec<(String, CircuitState)> {
+            vec![]
+        }
+    }
+
+    #[tokio::test]
+    async fn a_storage_error_leaves_that_route_out_and_the_scrape_whole() {
+        let m = Metrics::new();
+        let store: Arc<dyn JobStore> = Arc::new(HalfBroken);
+        let (_, text) = m
+            .scrape(Some(&store), &Routes(vec!["ok", "broken"]), None)
+            .await;
+        assert!(text.contains(r#"spillway_queue_depth{route="ok",state="queued"} 3"#));
+        assert!(text.contains(r#"spillway_dead_letter_depth{route="ok"} 2"#));
+        assert!(text.contains(r#"spillway_queue_oldest_job_timestamp_seconds{route="ok"} 1"#));
+        assert!(!text.contains(r#"route="broken""#), "{text}");
+        assert!(text.contains("spillway_queue_stats_errors_total 1"));
+        assert!(text.contains("spillway_build_info"));
+
+        // A route gone from the config (a reload) stops being reported.
+        let (_, text) = m.scrape(Some(&store), &Routes(vec![]), None).await;
+        assert!(!text.contains(r#"route="ok""#), "{text}");
     }
 
     #[test]
