@@ -41,6 +41,8 @@ pub enum AppError {
 pub struct App {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The config the admin API shows; a reload sends the new one here.
+    pub config: tokio::sync::watch::Sender<Arc<Config>>,
     ready: Readiness,
     stop: CancellationToken,
     proxy_task: JoinHandle<hyper_util::server::graceful::GracefulShutdown>,
@@ -142,12 +144,16 @@ impl App {
             stop.clone(),
         ));
         let admin_stop = stop.clone();
-        let scrape = crate::metrics::Scrape {
-            metrics: metrics.clone(),
+        let (config_tx, config_rx) = tokio::sync::watch::channel(Arc::new(config.clone()));
+        let router = admin::router(admin::AdminState {
+            ready: ready.clone(),
             store: store.clone(),
-            source: proxy.clone(),
-        };
-        let router = admin::router(ready.clone(), store.clone(), scrape);
+            config: config_rx,
+            proxy: proxy.clone(),
+            wake: Arc::new(wake.clone().unwrap_or_default()),
+            auth: admin::Auth::from_env(&config.admin),
+            metrics: metrics.clone(),
+        });
         let admin_task = tokio::spawn(async move {
             let serve = axum::serve(admin_listener, router)
                 .with_graceful_shutdown(async move { admin_stop.cancelled().await });
@@ -175,13 +181,16 @@ impl App {
             tasks.spawn(purge(store.clone(), stop.clone()));
         }
 
+        // Ready before the listeners are reported: whoever reads the report may probe
+        // /readyz at once.
+        ready.set(true);
         report("proxy", proxy_addr);
         report("admin", admin_addr);
         tracing::info!(%proxy_addr, %admin_addr, routes = ?proxy.route_names(), "spillway started");
-        ready.set(true);
         Ok(App {
             proxy_addr,
             admin_addr,
+            config: config_tx,
             ready,
             stop,
             proxy_task,

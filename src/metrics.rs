@@ -36,6 +36,12 @@ use crate::queue::JobStore;
 const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Content type of OpenMetrics, for scrapers that ask for it (Prometheus does).
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Every breaker state, one `spillway_circuit_state` series each.
+const CIRCUIT_STATES: [CircuitState; 3] = [
+    CircuitState::Closed,
+    CircuitState::Open,
+    CircuitState::HalfOpen,
+];
 /// Longest a scrape waits for one route's queue counters.
 const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -651,7 +657,7 @@ impl Metrics {
             }
         }
         for (route, state) in source.circuits() {
-            for s in CircuitState::ALL {
+            for s in CIRCUIT_STATES {
                 self.circuit_state
                     .get_or_create(&StateLabels {
                         route: route.clone(),

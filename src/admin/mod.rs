@@ -1,15 +1,32 @@
-//! The admin listener: health, readiness and metrics now; jobs and routes join it.
+//! The admin listener: health and readiness, the jobs and routes API, and the loaded
+//! config. It reads and changes jobs only through [`JobStore`]; every error is a JSON
+//! [`AdminError`]; every endpoint but `/healthz` and `/readyz` sits behind the bearer
+//! token when one is set.
 
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod redact;
+pub mod routes;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::http::{Method, StatusCode, Uri};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tokio::sync::{watch, Notify};
 
+use crate::config::Config;
+use crate::proxy::Proxy;
 use crate::queue::JobStore;
+pub use auth::Auth;
+pub use error::AdminError;
 
 /// Ready once listeners and storage are up; false again while draining.
 #[derive(Clone, Default)]
@@ -24,31 +41,71 @@ impl Readiness {
     }
 }
 
+/// What the admin handlers share.
 #[derive(Clone)]
-struct AdminState {
-    ready: Readiness,
-    store: Option<Arc<dyn JobStore>>,
+pub struct AdminState {
+    pub ready: Readiness,
+    /// `None` when no route is deferrable: job endpoints answer `no_queue`.
+    pub store: Option<Arc<dyn JobStore>>,
+    /// The loaded config; a reload sends the new one.
+    pub config: watch::Receiver<Arc<Config>>,
+    /// For circuit breaker states.
+    pub proxy: Arc<Proxy>,
+    /// Per deferrable route: wakes its dispatcher after retry, replay and resume.
+    pub wake: Arc<HashMap<String, Arc<Notify>>>,
+    pub auth: Auth,
+    /// The registry `GET /metrics` exports.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-pub fn router(
-    ready: Readiness,
-    store: Option<Arc<dyn JobStore>>,
-    metrics: crate::metrics::Scrape,
-) -> Router {
+impl AdminState {
+    pub(crate) fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    pub(crate) fn store(&self) -> Result<&Arc<dyn JobStore>, AdminError> {
+        self.store.as_ref().ok_or(AdminError::NoQueue)
+    }
+
+    /// Lets the route's dispatcher look at its queue now rather than at its next timer.
+    pub(crate) fn wake(&self, route: &str) {
+        if let Some(w) = self.wake.get(route) {
+            w.notify_one();
+        }
+    }
+}
+
+pub fn router(state: AdminState) -> Router {
+    let auth = state.auth.clone();
+    let scrape = crate::metrics::Scrape {
+        metrics: state.metrics.clone(),
+        store: state.store.clone(),
+        source: state.proxy.clone(),
+    };
     Router::new()
-        .route("/metrics", crate::metrics::endpoint(metrics))
-        .route(
-            "/healthz",
-            get(|| async { Json(json!({ "status": "alive" })) }),
-        )
+        .route("/healthz", get(healthz))
+        .route("/metrics", crate::metrics::endpoint(scrape))
         .route("/readyz", get(readyz))
-        .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                Json(json!({ "error": "not_found", "message": "no such admin endpoint" })),
-            )
+        .route("/config", get(config::show))
+        .route("/jobs", get(jobs::list))
+        .route("/jobs/{id}", get(jobs::show).delete(jobs::delete))
+        .route("/jobs/{id}/retry", post(jobs::retry))
+        .route("/routes", get(routes::list))
+        .route("/routes/{name}/pause", post(routes::pause))
+        .route("/routes/{name}/resume", post(routes::resume))
+        .route("/routes/{name}/replay-dead", post(routes::replay_dead))
+        .fallback(|uri: Uri| async move { AdminError::NoEndpoint(uri.path().to_owned()) })
+        .method_not_allowed_fallback(|method: Method| async move {
+            AdminError::MethodNotAllowed(method.to_string())
         })
-        .with_state(AdminState { ready, store })
+        .with_state(state)
+        // Outermost, so it covers every endpoint, the fallbacks and any route added
+        // above later; only the health endpoints are exempt.
+        .layer(axum::middleware::from_fn_with_state(auth, auth::require))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "alive" }))
 }
 
 async fn readyz(State(st): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
@@ -67,4 +124,9 @@ async fn readyz(State(st): State<AdminState>) -> (StatusCode, Json<serde_json::V
             Json(json!({ "status": "not_ready" })),
         )
     }
+}
+
+/// A Unix time in milliseconds as RFC 3339 UTC with milliseconds.
+pub(crate) fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }

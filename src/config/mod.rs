@@ -30,6 +30,9 @@ pub struct Config {
     pub limits: Limits,
     pub unmatched: Unmatched,
     pub shutdown_grace: Duration,
+    /// Headers masked in every admin API answer, on top of `Authorization`,
+    /// `Proxy-Authorization`, `Cookie` and `Set-Cookie` (`redact_headers`).
+    pub redact_headers: Vec<HeaderName>,
     /// Routes in file order; the first that matches wins.
     pub routes: Vec<Arc<RouteConfig>>,
 }

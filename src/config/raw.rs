@@ -20,6 +20,7 @@ pub(super) struct RawConfig {
     pub limits: Option<RawLimits>,
     pub unmatched: Option<S<String>>,
     pub shutdown_grace: Option<S<Scalar>>,
+    pub redact_headers: Option<Vec<S<String>>>,
     pub routes: Option<Vec<S<RawRoute>>>,
 }
 

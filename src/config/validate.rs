@@ -368,6 +368,13 @@ impl Cx<'_> {
             "shutdown_grace",
             Duration::from_secs(25),
         );
+        let redact_headers = raw
+            .redact_headers
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, h)| self.header(h, &format!("redact_headers[{i}]")))
+            .collect();
         let routes = self.routes(raw.routes.unwrap_or_default());
         Config {
             source: source.to_path_buf(),
@@ -377,6 +384,7 @@ impl Cx<'_> {
             limits,
             unmatched,
             shutdown_grace,
+            redact_headers,
             routes,
         }
     }
@@ -1720,6 +1728,16 @@ mod tests {
         err_at("storage:\n  url: nats://x\n", "storage.url");
         let c = ok("storage:\n  path: /var/lib/s.redb\n  cache_size: 1GiB\n");
         assert_eq!(c.storage.cache_size, 1 << 30);
+    }
+
+    #[test]
+    fn redact_headers_are_header_names() {
+        assert!(ok("").redact_headers.is_empty());
+        let c = ok("redact_headers: [X-Api-Key, x-signature]\n");
+        let names: Vec<_> = c.redact_headers.iter().map(|h| h.as_str()).collect();
+        assert_eq!(names, ["x-api-key", "x-signature"]);
+        let e = err_at("redact_headers: [ok, 'bad header']\n", "redact_headers[1]");
+        assert!(e.message.contains("header name"), "{}", e.message);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::client::HttpClient;
 use crate::config::{Config, RouteConfig, Unmatched};
 use crate::metrics::{Metrics, Mode};
 pub use passthrough::CircuitState;
-use passthrough::{Attempts, BoxHttp, BreakerLayer, Observe};
+use passthrough::{Attempts, BoxHttp, Circuits, Observe};
 use rescue::ProxyError;
 use route::RouteTable;
 use target::{Target, TargetError};
@@ -49,8 +49,7 @@ pub struct Proxy {
     limits: crate::config::Limits,
     tunnels: Arc<tokio::sync::Semaphore>,
     deferrer: Option<Arc<defer::Deferrer>>,
-    /// Each passthrough route's breaker, for [`Proxy::circuit_state`].
-    breakers: Vec<(String, BreakerLayer)>,
+    circuits: Circuits,
     metrics: Arc<Metrics>,
 }
 
@@ -60,7 +59,7 @@ impl Proxy {
         client: HttpClient,
         deferrer: Option<Arc<defer::Deferrer>>,
     ) -> Self {
-        let mut breakers = Vec::new();
+        let circuits = Circuits::default();
         let routes = config
             .routes
             .iter()
@@ -68,15 +67,7 @@ impl Proxy {
                 let h = if r.deferrable {
                     Handler::Deferred
                 } else {
-                    let breaker = r.circuit_breaker.map(BreakerLayer::new);
-                    if let Some(b) = &breaker {
-                        breakers.push((r.name.clone(), b.clone()));
-                    }
-                    Handler::Passthrough(passthrough::mk_passthrough_with_breaker(
-                        r,
-                        client.clone(),
-                        breaker,
-                    ))
+                    Handler::Passthrough(passthrough::mk_passthrough(r, client.clone(), &circuits))
                 };
                 (r.clone(), h)
             })
@@ -89,7 +80,7 @@ impl Proxy {
             limits: config.limits.clone(),
             tunnels: Arc::new(tokio::sync::Semaphore::new(config.limits.max_tunnels)),
             deferrer,
-            breakers,
+            circuits,
             // Counted but not exported until `with_metrics` shares the exported registry.
             metrics: Arc::new(Metrics::new()),
         }
@@ -101,12 +92,10 @@ impl Proxy {
         self
     }
 
-    /// The circuit breaker state of a passthrough route; `None` for routes without one.
+    /// The breaker state of a passthrough route that has a `circuit_breaker`; `None`
+    /// for other routes. Cheap: one short lock, for the admin API and metrics.
     pub fn circuit_state(&self, route: &str) -> Option<CircuitState> {
-        self.breakers
-            .iter()
-            .find(|(name, _)| name == route)
-            .map(|(_, b)| b.state())
+        self.circuits.state(route)
     }
 
     /// Serves one request; never fails (errors become responses here).
@@ -354,9 +343,9 @@ impl crate::metrics::ScrapeSource for Proxy {
     }
 
     fn circuits(&self) -> Vec<(String, CircuitState)> {
-        self.breakers
+        self.routes
             .iter()
-            .map(|(name, b)| (name.clone(), b.state()))
+            .filter_map(|(r, _)| Some((r.name.clone(), self.circuit_state(&r.name)?)))
             .collect()
     }
 }

@@ -52,18 +52,11 @@ pub struct Observe {
     pub route: Arc<str>,
 }
 
-/// Builds a passthrough route's stack, innermost first.
-pub fn mk_passthrough(route: &RouteConfig, client: HttpClient) -> BoxHttp {
-    mk_passthrough_with_breaker(route, client, route.circuit_breaker.map(BreakerLayer::new))
-}
-
-/// [`mk_passthrough`] with the route's breaker made by the caller, who keeps a handle to
-/// read its state.
-pub fn mk_passthrough_with_breaker(
-    route: &RouteConfig,
-    client: HttpClient,
-    breaker: Option<BreakerLayer>,
-) -> BoxHttp {
+/// Builds a passthrough route's stack, innermost first. The route's breaker (if any)
+/// is registered in `circuits` so the admin API and metrics can read its state.
+pub fn mk_passthrough(route: &RouteConfig, client: HttpClient, circuits: &Circuits) -> BoxHttp {
+    let breaker = route.circuit_breaker.map(BreakerLayer::new);
+    circuits.register(&route.name, breaker.as_ref().map(BreakerLayer::handle));
     Stack::new(Upstream { client })
         .push(TimeoutLayer(route.timeout)) // per attempt, so inside retry
         .push(RetryLayer::new(route)) // replays the buffered body; skips unkeyed POSTs
@@ -334,31 +327,6 @@ fn clone_request(req: &Request<Bytes>) -> Request<Bytes> {
 
 // === impl Breaker ===
 
-/// A breaker's state as operators see it. "Open" means refusing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CircuitState {
-    Closed,
-    Open,
-    /// One trial request decides whether it closes or opens again.
-    HalfOpen,
-}
-
-impl CircuitState {
-    pub const ALL: [CircuitState; 3] = [
-        CircuitState::Closed,
-        CircuitState::Open,
-        CircuitState::HalfOpen,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            CircuitState::Closed => "closed",
-            CircuitState::Open => "open",
-            CircuitState::HalfOpen => "half_open",
-        }
-    }
-}
-
 #[derive(Debug)]
 enum BreakerState {
     Closed {
@@ -384,15 +352,77 @@ impl BreakerLayer {
             state: Arc::new(Mutex::new(BreakerState::Closed { failures: 0 })),
         }
     }
+}
 
-    /// The state now. An open breaker whose `open_for` ran out reads as half-open: the
-    /// next request is its trial.
-    pub fn state(&self) -> CircuitState {
-        match *self.state.lock() {
-            BreakerState::Closed { .. } => CircuitState::Closed,
-            BreakerState::Open { until } if Instant::now() < until => CircuitState::Open,
-            BreakerState::Open { .. } | BreakerState::HalfOpen => CircuitState::HalfOpen,
+impl BreakerLayer {
+    /// A read-only view of this breaker's state, shared with every service it wraps.
+    pub fn handle(&self) -> CircuitHandle {
+        CircuitHandle(self.state.clone())
+    }
+}
+
+/// What a route's breaker does with the next request. "Open" means refusing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CircuitState {
+    Closed,
+    Open,
+    /// `open_for` ran out: the next request is a trial, the rest wait for its answer.
+    HalfOpen,
+}
+
+impl CircuitState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
         }
+    }
+}
+
+impl std::fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A cheap, read-only view of one breaker: one short lock, no request path work.
+#[derive(Clone)]
+pub struct CircuitHandle(Arc<Mutex<BreakerState>>);
+
+impl CircuitHandle {
+    pub fn state(&self) -> CircuitState {
+        match *self.0.lock() {
+            BreakerState::Closed { .. } => CircuitState::Closed,
+            // The breaker only moves to half-open when the next request arrives; once
+            // `open_for` ran out that request is let through, so report it as such.
+            BreakerState::Open { until } if Instant::now() >= until => CircuitState::HalfOpen,
+            BreakerState::Open { .. } => CircuitState::Open,
+            BreakerState::HalfOpen => CircuitState::HalfOpen,
+        }
+    }
+}
+
+/// Breakers by route name, filled as passthrough stacks are built.
+#[derive(Clone, Default)]
+pub struct Circuits(Arc<parking_lot::RwLock<std::collections::HashMap<String, CircuitHandle>>>);
+
+impl Circuits {
+    /// Records (or, for a route without a breaker, forgets) the route's breaker.
+    pub fn register(&self, route: &str, handle: Option<CircuitHandle>) {
+        let mut map = self.0.write();
+        match handle {
+            Some(h) => {
+                map.insert(route.to_owned(), h);
+            }
+            None => {
+                map.remove(route);
+            }
+        }
+    }
+
+    pub fn state(&self, route: &str) -> Option<CircuitState> {
+        self.0.read().get(route).map(CircuitHandle::state)
     }
 }
 
@@ -627,16 +657,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn circuit_state_reads_closed_open_then_half_open() {
+    async fn circuit_handle_reports_closed_open_half_open_then_closed() {
         let calls = Arc::new(AtomicUsize::new(0));
         let layer = breaker(1);
-        assert_eq!(layer.state(), CircuitState::Closed);
-        let mut s = layer.layer(svc(500, calls));
+        let circuits = Circuits::default();
+        circuits.register("r", Some(layer.handle()));
+        assert_eq!(circuits.state("r"), Some(CircuitState::Closed));
+        assert_eq!(circuits.state("other"), None);
+        let mut s = layer.layer(svc(500, calls.clone()));
         let _ = s.call(Request::new(Bytes::new())).await;
-        assert_eq!(layer.state(), CircuitState::Open);
+        assert_eq!(circuits.state("r"), Some(CircuitState::Open));
         tokio::time::advance(Duration::from_secs(31)).await;
-        assert_eq!(layer.state(), CircuitState::HalfOpen);
-        assert_eq!(CircuitState::HalfOpen.as_str(), "half_open");
+        assert_eq!(circuits.state("r"), Some(CircuitState::HalfOpen));
+        let mut ok = layer.layer(svc(200, calls));
+        let _ = ok.call(Request::new(Bytes::new())).await;
+        assert_eq!(
+            circuits.state("r").map(CircuitState::as_str),
+            Some("closed")
+        );
+        circuits.register("r", None);
+        assert_eq!(circuits.state("r"), None);
     }
 
     #[tokio::test(start_paused = true)]

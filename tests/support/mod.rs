@@ -118,14 +118,14 @@ impl Spillway {
         Spillway::start_with_env(yaml, &[])
     }
 
-    /// [`Spillway::start`] with extra environment variables (kept across restarts).
+    /// Like [`Spillway::start`], with extra environment variables (kept on restart).
     pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Spillway {
         let dir = tempfile::tempdir().unwrap();
         let yaml = yaml.replace("{data}", &dir.path().display().to_string());
         std::fs::write(dir.path().join("spillway.yaml"), yaml).unwrap();
         let env: Vec<(String, String)> = env
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         let (child, proxy, admin, log) = spawn(dir.path(), 0, &env);
         Spillway {

@@ -16,7 +16,7 @@ use redb::{Database, DatabaseError, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::ops::TxError;
+use super::ops::{Tables, TxError};
 use crate::queue::StoreError;
 
 /// Most requests applied in one write transaction.
@@ -101,7 +101,7 @@ impl BatchEnd {
 /// One waiter's work in a batch.
 pub(super) trait Request: Send {
     /// Applies the work; an `Err` is storage trouble that fails the whole batch.
-    fn apply(&mut self, tx: &WriteTransaction, shared: &Shared) -> Result<(), redb::Error>;
+    fn apply(&mut self, t: &mut Tables<'_>, shared: &Shared) -> Result<(), redb::Error>;
     /// Answers the waiter once the batch ended.
     fn finish(self: Box<Self>, end: &BatchEnd);
 }
@@ -118,7 +118,7 @@ pub(super) struct Pending<R, F> {
 impl<R, F> Pending<R, F>
 where
     R: Send + 'static,
-    F: FnOnce(&WriteTransaction) -> Result<R, TxError> + Send + 'static,
+    F: FnOnce(&mut Tables<'_>) -> Result<R, TxError> + Send + 'static,
 {
     pub fn new(work: F) -> (Self, oneshot::Receiver<Result<R, StoreError>>) {
         let (reply, rx) = oneshot::channel();
@@ -136,13 +136,13 @@ where
 impl<R, F> Request for Pending<R, F>
 where
     R: Send + 'static,
-    F: FnOnce(&WriteTransaction) -> Result<R, TxError> + Send + 'static,
+    F: FnOnce(&mut Tables<'_>) -> Result<R, TxError> + Send + 'static,
 {
-    fn apply(&mut self, tx: &WriteTransaction, shared: &Shared) -> Result<(), redb::Error> {
+    fn apply(&mut self, t: &mut Tables<'_>, shared: &Shared) -> Result<(), redb::Error> {
         let Some(work) = self.work.take() else {
             return Ok(());
         };
-        match work(tx) {
+        match work(t) {
             Ok(r) => self.result = Some(Ok(r)),
             Err(TxError::Storage(e)) => return Err(e),
             Err(e) => self.result = Some(Err(shared.map_tx_error(e))),
@@ -257,12 +257,32 @@ fn apply_and_commit(
 ) -> Result<(), redb::Error> {
     let mut tx = db.begin_write()?;
     tx.set_durability(Durability::Immediate)?;
-    for r in batch.iter_mut() {
-        if let Err(e) = r.apply(&tx, shared) {
-            tx.abort()?;
-            return Err(e);
-        }
+    if let Err(e) = apply_all(&tx, shared, batch) {
+        tx.abort()?;
+        return Err(e);
     }
     tx.commit()?;
     Ok(())
+}
+
+/// Every request of the batch against one set of open tables, then the counters written back.
+fn apply_all(
+    tx: &WriteTransaction,
+    shared: &Shared,
+    batch: &mut [BoxRequest],
+) -> Result<(), redb::Error> {
+    let mut tables = Tables::open(tx).map_err(|e| as_storage(shared, e))?;
+    for r in batch.iter_mut() {
+        r.apply(&mut tables, shared)?;
+    }
+    tables.finish().map_err(|e| as_storage(shared, e))
+}
+
+/// Opening tables and writing counters fail only on storage trouble; a record that does not
+/// decode there is reported the same way, failing the batch.
+fn as_storage(shared: &Shared, e: TxError) -> redb::Error {
+    match e {
+        TxError::Storage(e) => e,
+        other => redb::StorageError::Corrupted(shared.map_tx_error(other).to_string()).into(),
+    }
 }

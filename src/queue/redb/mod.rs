@@ -109,17 +109,10 @@ fn init(tx: &WriteTransaction, now: u64) -> Result<u64, TxError> {
             meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION)?;
         }
     }
-    tx.open_table(schema::JOBS)?;
-    tx.open_table(schema::DUE)?;
-    tx.open_table(schema::PENDING)?;
-    tx.open_table(schema::ORDER)?;
-    tx.open_table(schema::BY_ROUTE)?;
-    tx.open_table(schema::EXPIRY)?;
-    tx.open_table(schema::IDEM)?;
-    tx.open_table(schema::COUNTERS)?;
-    tx.open_table(schema::ROUTES)?;
-    tx.open_table(schema::QUOTAS)?;
-    ops::recover_in_flight(tx, now)
+    let mut tables = ops::Tables::open(tx)?;
+    let n = ops::recover_in_flight(&mut tables, now)?;
+    tables.finish()?;
+    Ok(n)
 }
 
 #[cfg(unix)]
@@ -253,7 +246,7 @@ impl RedbStore {
     async fn submit<R, F>(&self, wait: bool, work: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<R, TxError> + Send + 'static,
+        F: FnOnce(&mut ops::Tables<'_>) -> Result<R, TxError> + Send + 'static,
     {
         let sender = self.tx.as_ref().ok_or(StoreError::Closed)?;
         let (req, rx) = Pending::new(work);

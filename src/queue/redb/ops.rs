@@ -3,7 +3,9 @@
 //! Every change to a job goes through [`put_job`], which keeps the index tables and the
 //! per-route counters in step with the job record in the same transaction.
 
-use redb::{ReadableTable, WriteTransaction};
+use std::collections::HashMap;
+
+use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::schema::{
     decode_idem, decode_job, decode_route, encode_idem, encode_job, encode_route, DecodeError,
@@ -122,93 +124,142 @@ fn truncate(mut last: LastOutcome) -> LastOutcome {
     last
 }
 
-// === put_job ===
+// === impl Tables ===
 
-fn bump(tx: &WriteTransaction, route: &str, state: JobState, up: bool) -> TxResult<()> {
-    let mut t = tx.open_table(COUNTERS)?;
-    let cur = counter(&t, route, state)?;
-    let next = if up { cur + 1 } else { cur.saturating_sub(1) };
-    t.insert((route, state.as_str()), next)?;
-    Ok(())
+/// Every table of a write transaction, opened once per batch rather than once per step, and
+/// the per-route counters read and changed in memory during the batch, written back once by
+/// [`Tables::finish`]. Opening a redb table and updating a counter row for every job made
+/// up a large share of the writer's time under load.
+pub(super) struct Tables<'tx> {
+    pub jobs: Table<'tx, u128, &'static [u8]>,
+    pub due: Table<'tx, (&'static str, u64, u128), ()>,
+    pub pending: Table<'tx, (&'static str, u64, u128), ()>,
+    pub order: Table<'tx, (&'static str, &'static str, u128), ()>,
+    pub by_route: Table<'tx, (&'static str, u128), ()>,
+    pub expiry: Table<'tx, (u64, u128), ()>,
+    pub idem: Table<'tx, (&'static str, &'static str), &'static [u8]>,
+    pub counters: Table<'tx, (&'static str, &'static str), u64>,
+    pub routes: Table<'tx, &'static str, &'static [u8]>,
+    pub quotas: Table<'tx, (&'static str, u64), (u64, u64)>,
+    /// Counter values as of this batch: read through on first use, written back at the end.
+    counts: HashMap<(String, JobState), u64>,
 }
 
+impl<'tx> Tables<'tx> {
+    pub fn open(tx: &'tx WriteTransaction) -> TxResult<Self> {
+        Ok(Self {
+            jobs: tx.open_table(JOBS)?,
+            due: tx.open_table(DUE)?,
+            pending: tx.open_table(PENDING)?,
+            order: tx.open_table(ORDER)?,
+            by_route: tx.open_table(BY_ROUTE)?,
+            expiry: tx.open_table(EXPIRY)?,
+            idem: tx.open_table(IDEM)?,
+            counters: tx.open_table(COUNTERS)?,
+            routes: tx.open_table(ROUTES)?,
+            quotas: tx.open_table(QUOTAS)?,
+            counts: HashMap::new(),
+        })
+    }
+
+    /// The route's counter for `state`, including this batch's changes.
+    pub fn count(&mut self, route: &str, state: JobState) -> TxResult<u64> {
+        if let Some(v) = self.counts.get(&(route.to_owned(), state)) {
+            return Ok(*v);
+        }
+        let v = counter(&self.counters, route, state)?;
+        self.counts.insert((route.to_owned(), state), v);
+        Ok(v)
+    }
+
+    fn bump(&mut self, route: &str, state: JobState, up: bool) -> TxResult<()> {
+        let cur = self.count(route, state)?;
+        let next = if up { cur + 1 } else { cur.saturating_sub(1) };
+        self.counts.insert((route.to_owned(), state), next);
+        Ok(())
+    }
+
+    /// Writes the batch's counters back; call before the tables are dropped and committed.
+    pub fn finish(mut self) -> TxResult<()> {
+        for ((route, state), v) in std::mem::take(&mut self.counts) {
+            self.counters.insert((route.as_str(), state.as_str()), v)?;
+        }
+        Ok(())
+    }
+}
+
+// === put_job ===
+
 /// Replaces `old` by `new` (either may be absent), keeping every index and counter in step.
-pub(super) fn put_job(tx: &WriteTransaction, old: Option<&Job>, new: Option<&Job>) -> TxResult<()> {
+pub(super) fn put_job(t: &mut Tables<'_>, old: Option<&Job>, new: Option<&Job>) -> TxResult<()> {
     if let Some(o) = old {
         let id = o.id.as_u128();
         let r = o.route.as_str();
         if o.state.is_due_kind() {
-            tx.open_table(DUE)?.remove((r, o.next_attempt_at_ms, id))?;
+            t.due.remove((r, o.next_attempt_at_ms, id))?;
         }
         if o.state.is_pending() {
-            tx.open_table(PENDING)?.remove((r, o.created_at_ms, id))?;
+            t.pending.remove((r, o.created_at_ms, id))?;
             if let Some(k) = &o.ordering_key {
-                tx.open_table(ORDER)?.remove((r, k.as_str(), id))?;
+                t.order.remove((r, k.as_str(), id))?;
             }
         }
-        bump(tx, r, o.state, false)?;
+        t.bump(r, o.state, false)?;
     }
     match new {
         Some(n) => {
             let id = n.id.as_u128();
             let r = n.route.as_str();
-            tx.open_table(JOBS)?.insert(id, encode_job(n).as_slice())?;
+            t.jobs.insert(id, encode_job(n).as_slice())?;
             if n.state.is_due_kind() {
-                tx.open_table(DUE)?
-                    .insert((r, n.next_attempt_at_ms, id), ())?;
+                t.due.insert((r, n.next_attempt_at_ms, id), ())?;
             }
             if n.state.is_pending() {
-                tx.open_table(PENDING)?
-                    .insert((r, n.created_at_ms, id), ())?;
+                t.pending.insert((r, n.created_at_ms, id), ())?;
                 if let Some(k) = &n.ordering_key {
-                    tx.open_table(ORDER)?.insert((r, k.as_str(), id), ())?;
+                    t.order.insert((r, k.as_str(), id), ())?;
                 }
             }
             if old.is_none() {
-                tx.open_table(BY_ROUTE)?.insert((r, id), ())?;
+                t.by_route.insert((r, id), ())?;
             }
-            bump(tx, r, n.state, true)?;
+            t.bump(r, n.state, true)?;
         }
         None => {
             if let Some(o) = old {
                 let id = o.id.as_u128();
-                tx.open_table(JOBS)?.remove(id)?;
-                tx.open_table(BY_ROUTE)?.remove((o.route.as_str(), id))?;
+                t.jobs.remove(id)?;
+                t.by_route.remove((o.route.as_str(), id))?;
             }
         }
     }
     Ok(())
 }
 
-fn must_load(tx: &WriteTransaction, id: JobId) -> TxResult<Job> {
-    let t = tx.open_table(JOBS)?;
-    load_job(&t, id)?.ok_or(TxError::Store(StoreError::NotFound))
+fn must_load(t: &Tables<'_>, id: JobId) -> TxResult<Job> {
+    load_job(&t.jobs, id)?.ok_or(TxError::Store(StoreError::NotFound))
 }
 
 // === writes ===
 
 pub(super) fn enqueue(
-    tx: &WriteTransaction,
+    t: &mut Tables<'_>,
     job: NewJob,
     dedupe_window_ms: u64,
     max_depth: u64,
 ) -> TxResult<EnqueueStep> {
     let now = job.created_at_ms;
-    let existing = {
-        let idem = tx.open_table(IDEM)?;
-        let rec = match idem.get((job.route.as_str(), job.idempotency_key.as_str()))? {
-            Some(v) => Some(decode_idem(v.value())?),
-            None => None,
-        };
-        rec
+    let existing = match t
+        .idem
+        .get((job.route.as_str(), job.idempotency_key.as_str()))?
+    {
+        Some(v) => Some(decode_idem(v.value())?),
+        None => None,
     };
     if let Some(rec) = existing {
-        let held = {
-            let jobs = tx.open_table(JOBS)?;
-            match load_job(&jobs, JobId::from_u128(rec.id))? {
-                Some(j) => j.state != JobState::Delivered || now < rec.expires_at_ms,
-                None => false,
-            }
+        let held = match load_job(&t.jobs, JobId::from_u128(rec.id))? {
+            Some(j) => j.state != JobState::Delivered || now < rec.expires_at_ms,
+            None => false,
         };
         if held {
             let id = JobId::from_u128(rec.id);
@@ -219,12 +270,9 @@ pub(super) fn enqueue(
             });
         }
     }
-    let depth = {
-        let c = tx.open_table(COUNTERS)?;
-        counter(&c, &job.route, JobState::Queued)?
-            + counter(&c, &job.route, JobState::InFlight)?
-            + counter(&c, &job.route, JobState::Retrying)?
-    };
+    let depth = t.count(&job.route, JobState::Queued)?
+        + t.count(&job.route, JobState::InFlight)?
+        + t.count(&job.route, JobState::Retrying)?;
     if depth >= max_depth {
         return Ok(EnqueueStep::QueueFull);
     }
@@ -235,44 +283,42 @@ pub(super) fn enqueue(
         window_ms: dedupe_window_ms,
         expires_at_ms: u64::MAX,
     };
-    tx.open_table(IDEM)?.insert(
+    t.idem.insert(
         (job.route.as_str(), job.idempotency_key.as_str()),
         encode_idem(&rec).as_slice(),
     )?;
-    put_job(tx, None, Some(&job))?;
+    put_job(t, None, Some(&job))?;
     Ok(EnqueueStep::Stored(job.id))
 }
 
 pub(super) fn lease_due(
-    tx: &WriteTransaction,
+    t: &mut Tables<'_>,
     route: &str,
     now_ms: u64,
     limit: usize,
 ) -> TxResult<Vec<Job>> {
-    let ctl = route_record(&tx.open_table(ROUTES)?, route)?;
+    let ctl = route_record(&t.routes, route)?;
     if ctl.paused || ctl.paused_until_ms.is_some_and(|u| u > now_ms) || limit == 0 {
         return Ok(Vec::new());
     }
     let mut picked = Vec::new();
+    for entry in t
+        .due
+        .range((route, 0u64, 0u128)..=(route, now_ms, u128::MAX))?
     {
-        let due = tx.open_table(DUE)?;
-        let jobs = tx.open_table(JOBS)?;
-        let order = tx.open_table(ORDER)?;
-        for entry in due.range((route, 0u64, 0u128)..=(route, now_ms, u128::MAX))? {
-            let (k, _) = entry?;
-            let id = JobId::from_u128(k.value().2);
-            let Some(job) = load_job(&jobs, id)? else {
+        let (k, _) = entry?;
+        let id = JobId::from_u128(k.value().2);
+        let Some(job) = load_job(&t.jobs, id)? else {
+            continue;
+        };
+        if let Some(key) = &job.ordering_key {
+            if first_in_order(&t.order, route, key)? != Some(id.as_u128()) {
                 continue;
-            };
-            if let Some(key) = &job.ordering_key {
-                if first_in_order(&order, route, key)? != Some(id.as_u128()) {
-                    continue;
-                }
             }
-            picked.push(job);
-            if picked.len() >= limit {
-                break;
-            }
+        }
+        picked.push(job);
+        if picked.len() >= limit {
+            break;
         }
     }
     let mut out = Vec::with_capacity(picked.len());
@@ -281,14 +327,14 @@ pub(super) fn lease_due(
         new.state = JobState::InFlight;
         new.attempts = new.attempts.saturating_add(1);
         new.updated_at_ms = now_ms;
-        put_job(tx, Some(&old), Some(&new))?;
+        put_job(t, Some(&old), Some(&new))?;
         out.push(new);
     }
     Ok(out)
 }
 
-pub(super) fn ack(tx: &WriteTransaction, id: JobId, now_ms: u64) -> TxResult<()> {
-    let old = must_load(tx, id)?;
+pub(super) fn ack(t: &mut Tables<'_>, id: JobId, now_ms: u64) -> TxResult<()> {
+    let old = must_load(t, id)?;
     if old.state == JobState::Delivered {
         return Ok(());
     }
@@ -296,30 +342,27 @@ pub(super) fn ack(tx: &WriteTransaction, id: JobId, now_ms: u64) -> TxResult<()>
     new.state = JobState::Delivered;
     new.updated_at_ms = now_ms;
     let mut expires = now_ms;
-    {
-        let mut idem = tx.open_table(IDEM)?;
-        let key = (old.route.as_str(), old.idempotency_key.as_str());
-        let rec = match idem.get(key)? {
-            Some(v) => Some(decode_idem(v.value())?),
-            None => None,
-        };
-        if let Some(mut rec) = rec.filter(|r| r.id == id.as_u128()) {
-            expires = now_ms.saturating_add(rec.window_ms);
-            rec.expires_at_ms = expires;
-            idem.insert(key, encode_idem(&rec).as_slice())?;
-        }
+    let key = (old.route.as_str(), old.idempotency_key.as_str());
+    let rec = match t.idem.get(key)? {
+        Some(v) => Some(decode_idem(v.value())?),
+        None => None,
+    };
+    if let Some(mut rec) = rec.filter(|r| r.id == id.as_u128()) {
+        expires = now_ms.saturating_add(rec.window_ms);
+        rec.expires_at_ms = expires;
+        t.idem.insert(key, encode_idem(&rec).as_slice())?;
     }
-    tx.open_table(EXPIRY)?.insert((expires, id.as_u128()), ())?;
-    put_job(tx, Some(&old), Some(&new))
+    t.expiry.insert((expires, id.as_u128()), ())?;
+    put_job(t, Some(&old), Some(&new))
 }
 
 pub(super) fn reschedule(
-    tx: &WriteTransaction,
+    t: &mut Tables<'_>,
     id: JobId,
     next_attempt_at_ms: u64,
     last: LastOutcome,
 ) -> TxResult<()> {
-    let old = must_load(tx, id)?;
+    let old = must_load(t, id)?;
     if !old.state.is_pending() {
         return Ok(());
     }
@@ -328,16 +371,16 @@ pub(super) fn reschedule(
     new.next_attempt_at_ms = next_attempt_at_ms;
     new.updated_at_ms = last.at_ms;
     new.last = Some(truncate(last));
-    put_job(tx, Some(&old), Some(&new))
+    put_job(t, Some(&old), Some(&new))
 }
 
 pub(super) fn dead_letter(
-    tx: &WriteTransaction,
+    t: &mut Tables<'_>,
     id: JobId,
     reason: String,
     last: Option<LastOutcome>,
 ) -> TxResult<()> {
-    let old = must_load(tx, id)?;
+    let old = must_load(t, id)?;
     if !old.state.is_pending() {
         return Ok(());
     }
@@ -348,88 +391,77 @@ pub(super) fn dead_letter(
         new.updated_at_ms = new.updated_at_ms.max(last.at_ms);
         new.last = Some(truncate(last));
     }
-    put_job(tx, Some(&old), Some(&new))
+    put_job(t, Some(&old), Some(&new))
 }
 
-fn make_due(tx: &WriteTransaction, old: &Job, now_ms: u64) -> TxResult<()> {
+fn make_due(t: &mut Tables<'_>, old: &Job, now_ms: u64) -> TxResult<()> {
     let mut new = old.clone();
     new.state = JobState::Retrying;
     new.next_attempt_at_ms = now_ms;
     new.updated_at_ms = now_ms;
     new.dead_reason = None;
-    put_job(tx, Some(old), Some(&new))
+    put_job(t, Some(old), Some(&new))
 }
 
-pub(super) fn retry(tx: &WriteTransaction, id: JobId, now_ms: u64) -> TxResult<bool> {
-    let old = must_load(tx, id)?;
+pub(super) fn retry(t: &mut Tables<'_>, id: JobId, now_ms: u64) -> TxResult<bool> {
+    let old = must_load(t, id)?;
     if !matches!(old.state, JobState::Dead | JobState::Retrying) {
         return Ok(false);
     }
-    make_due(tx, &old, now_ms)?;
+    make_due(t, &old, now_ms)?;
     Ok(true)
 }
 
-pub(super) fn delete(tx: &WriteTransaction, id: JobId) -> TxResult<bool> {
-    let old = {
-        let t = tx.open_table(JOBS)?;
-        load_job(&t, id)?
-    };
-    let Some(old) = old else {
+pub(super) fn delete(t: &mut Tables<'_>, id: JobId) -> TxResult<bool> {
+    let Some(old) = load_job(&t.jobs, id)? else {
         return Ok(false);
     };
-    drop_idem_if_owned(tx, &old)?;
-    put_job(tx, Some(&old), None)?;
+    drop_idem_if_owned(t, &old)?;
+    put_job(t, Some(&old), None)?;
     Ok(true)
 }
 
-fn drop_idem_if_owned(tx: &WriteTransaction, job: &Job) -> TxResult<()> {
-    let mut idem = tx.open_table(IDEM)?;
+fn drop_idem_if_owned(t: &mut Tables<'_>, job: &Job) -> TxResult<()> {
     let key = (job.route.as_str(), job.idempotency_key.as_str());
-    let owned = match idem.get(key)? {
+    let owned = match t.idem.get(key)? {
         Some(v) => decode_idem(v.value())?.id == job.id.as_u128(),
         None => false,
     };
     if owned {
-        idem.remove(key)?;
+        t.idem.remove(key)?;
     }
     Ok(())
 }
 
-pub(super) fn replay_dead(tx: &WriteTransaction, route: &str, now_ms: u64) -> TxResult<u64> {
-    let dead = {
-        let by_route = tx.open_table(BY_ROUTE)?;
-        let jobs = tx.open_table(JOBS)?;
-        let mut dead = Vec::new();
-        for entry in by_route.range((route, 0u128)..=(route, u128::MAX))? {
-            let (k, _) = entry?;
-            if let Some(j) = load_job(&jobs, JobId::from_u128(k.value().1))? {
-                if j.state == JobState::Dead {
-                    dead.push(j);
-                }
+pub(super) fn replay_dead(t: &mut Tables<'_>, route: &str, now_ms: u64) -> TxResult<u64> {
+    let mut dead = Vec::new();
+    for entry in t.by_route.range((route, 0u128)..=(route, u128::MAX))? {
+        let (k, _) = entry?;
+        if let Some(j) = load_job(&t.jobs, JobId::from_u128(k.value().1))? {
+            if j.state == JobState::Dead {
+                dead.push(j);
             }
         }
-        dead
-    };
+    }
     for j in &dead {
-        make_due(tx, j, now_ms)?;
+        make_due(t, j, now_ms)?;
     }
     Ok(dead.len() as u64)
 }
 
 pub(super) fn set_route(
-    tx: &WriteTransaction,
+    t: &mut Tables<'_>,
     route: &str,
     change: impl FnOnce(&mut RouteRecordV1),
 ) -> TxResult<()> {
-    let mut t = tx.open_table(ROUTES)?;
-    let mut rec = route_record(&t, route)?;
+    let mut rec = route_record(&t.routes, route)?;
     change(&mut rec);
-    t.insert(route, encode_route(&rec).as_slice())?;
+    t.routes.insert(route, encode_route(&rec).as_slice())?;
     Ok(())
 }
 
 pub(super) fn quota_acquire(
-    tx: &WriteTransaction,
+    t: &mut Tables<'_>,
     route: &str,
     index: usize,
     per_ms: u64,
@@ -438,39 +470,31 @@ pub(super) fn quota_acquire(
 ) -> TxResult<Option<u64>> {
     let per = per_ms.max(1);
     let start = now_ms - now_ms % per;
-    let mut t = tx.open_table(QUOTAS)?;
     let key = (route, index as u64);
-    let (win, count) = t.get(key)?.map(|v| v.value()).unwrap_or((start, 0));
+    let (win, count) = t.quotas.get(key)?.map(|v| v.value()).unwrap_or((start, 0));
     let count = if win == start { count } else { 0 };
     if count >= limit {
         return Ok(Some(start.saturating_add(per)));
     }
-    t.insert(key, (start, count + 1))?;
+    t.quotas.insert(key, (start, count + 1))?;
     Ok(None)
 }
 
-pub(super) fn purge_expired(tx: &WriteTransaction, now_ms: u64, batch: usize) -> TxResult<u64> {
-    let expired: Vec<(u64, u128)> = {
-        let t = tx.open_table(EXPIRY)?;
-        let mut v = Vec::new();
-        for entry in t.range((0u64, 0u128)..(now_ms, 0u128))? {
-            v.push(entry?.0.value());
-            if v.len() >= batch {
-                break;
-            }
+pub(super) fn purge_expired(t: &mut Tables<'_>, now_ms: u64, batch: usize) -> TxResult<u64> {
+    let mut expired: Vec<(u64, u128)> = Vec::new();
+    for entry in t.expiry.range((0u64, 0u128)..(now_ms, 0u128))? {
+        expired.push(entry?.0.value());
+        if expired.len() >= batch {
+            break;
         }
-        v
-    };
+    }
     let mut purged = 0;
     for (exp, id) in expired {
-        tx.open_table(EXPIRY)?.remove((exp, id))?;
-        let job = {
-            let t = tx.open_table(JOBS)?;
-            load_job(&t, JobId::from_u128(id))?
-        };
+        t.expiry.remove((exp, id))?;
+        let job = load_job(&t.jobs, JobId::from_u128(id))?;
         if let Some(job) = job.filter(|j| j.state == JobState::Delivered) {
-            drop_idem_if_owned(tx, &job)?;
-            put_job(tx, Some(&job), None)?;
+            drop_idem_if_owned(t, &job)?;
+            put_job(t, Some(&job), None)?;
             purged += 1;
         }
     }
@@ -478,27 +502,22 @@ pub(super) fn purge_expired(tx: &WriteTransaction, now_ms: u64, batch: usize) ->
 }
 
 /// At open: every in_flight job becomes queued again, due now. Returns how many.
-pub(super) fn recover_in_flight(tx: &WriteTransaction, now_ms: u64) -> TxResult<u64> {
-    let stuck = {
-        let pending = tx.open_table(PENDING)?;
-        let jobs = tx.open_table(JOBS)?;
-        let mut v = Vec::new();
-        for entry in pending.iter()? {
-            let (k, _) = entry?;
-            if let Some(j) = load_job(&jobs, JobId::from_u128(k.value().2))? {
-                if j.state == JobState::InFlight {
-                    v.push(j);
-                }
+pub(super) fn recover_in_flight(t: &mut Tables<'_>, now_ms: u64) -> TxResult<u64> {
+    let mut stuck = Vec::new();
+    for entry in t.pending.iter()? {
+        let (k, _) = entry?;
+        if let Some(j) = load_job(&t.jobs, JobId::from_u128(k.value().2))? {
+            if j.state == JobState::InFlight {
+                stuck.push(j);
             }
         }
-        v
-    };
+    }
     for old in &stuck {
         let mut new = old.clone();
         new.state = JobState::Queued;
         new.next_attempt_at_ms = now_ms;
         new.updated_at_ms = now_ms;
-        put_job(tx, Some(old), Some(&new))?;
+        put_job(t, Some(old), Some(&new))?;
     }
     Ok(stuck.len() as u64)
 }

@@ -59,23 +59,82 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
 
 // === impl JobRecordV1 ===
 
-#[derive(Serialize, Deserialize)]
+// Byte strings go through serde_bytes: postcard writes a `Vec<u8>` and a byte string the same
+// way (length, then the bytes), but serde's default walks a `Vec<u8>` one element at a time,
+// which showed up in the writer's profile. The encoding side borrows, so a job's body is not
+// copied before it is written.
+
+/// Headers as stored: (name, value bytes) pairs.
+struct HeadersRef<'a>(&'a [(String, Vec<u8>)]);
+
+impl Serialize for HeadersRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            seq.serialize_element(&(k.as_str(), serde_bytes::Bytes::new(v)))?;
+        }
+        seq.end()
+    }
+}
+
+type HeadersOwned = Vec<(String, serde_bytes::ByteBuf)>;
+
+fn headers_from(h: HeadersOwned) -> Vec<(String, Vec<u8>)> {
+    h.into_iter().map(|(k, v)| (k, v.into_vec())).collect()
+}
+
+#[derive(Serialize)]
+struct OutcomeV1Ref<'a> {
+    status: Option<u16>,
+    headers: HeadersRef<'a>,
+    #[serde(with = "serde_bytes")]
+    body_prefix: &'a [u8],
+    error: Option<&'a str>,
+    at_ms: u64,
+}
+
+#[derive(Deserialize)]
 struct OutcomeV1 {
     status: Option<u16>,
-    headers: Vec<(String, Vec<u8>)>,
-    body_prefix: Vec<u8>,
+    headers: HeadersOwned,
+    body_prefix: serde_bytes::ByteBuf,
     error: Option<String>,
     at_ms: u64,
 }
 
-#[derive(Serialize, Deserialize)]
+/// The job record as written; field for field the same shape as [`JobRecordV1`].
+#[derive(Serialize)]
+struct JobRecordV1Ref<'a> {
+    id: u128,
+    route: &'a str,
+    method: &'a str,
+    uri: &'a str,
+    headers: HeadersRef<'a>,
+    #[serde(with = "serde_bytes")]
+    body: &'a [u8],
+    traceparent: Option<&'a str>,
+    idempotency_key: &'a str,
+    fingerprint: [u8; 32],
+    created_at_ms: u64,
+    ordering_key: Option<&'a str>,
+    state: u8,
+    attempts: u32,
+    next_attempt_at_ms: u64,
+    updated_at_ms: u64,
+    last: Option<OutcomeV1Ref<'a>>,
+    dead_reason: Option<&'a str>,
+}
+
+/// The job record as read.
+#[derive(Deserialize)]
 struct JobRecordV1 {
     id: u128,
     route: String,
     method: String,
     uri: String,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
+    headers: HeadersOwned,
+    body: serde_bytes::ByteBuf,
     traceparent: Option<String>,
     idempotency_key: String,
     fingerprint: [u8; 32],
@@ -111,30 +170,30 @@ fn state_from_u8(v: u8) -> Result<JobState, DecodeError> {
 }
 
 pub fn encode_job(job: &Job) -> Vec<u8> {
-    let rec = JobRecordV1 {
+    let rec = JobRecordV1Ref {
         id: job.id.as_u128(),
-        route: job.route.clone(),
-        method: job.method.clone(),
-        uri: job.uri.clone(),
-        headers: job.headers.clone(),
-        body: job.body.to_vec(),
-        traceparent: job.traceparent.clone(),
-        idempotency_key: job.idempotency_key.clone(),
+        route: &job.route,
+        method: &job.method,
+        uri: &job.uri,
+        headers: HeadersRef(&job.headers),
+        body: &job.body,
+        traceparent: job.traceparent.as_deref(),
+        idempotency_key: &job.idempotency_key,
         fingerprint: job.fingerprint,
         created_at_ms: job.created_at_ms,
-        ordering_key: job.ordering_key.clone(),
+        ordering_key: job.ordering_key.as_deref(),
         state: state_to_u8(job.state),
         attempts: job.attempts,
         next_attempt_at_ms: job.next_attempt_at_ms,
         updated_at_ms: job.updated_at_ms,
-        last: job.last.as_ref().map(|l| OutcomeV1 {
+        last: job.last.as_ref().map(|l| OutcomeV1Ref {
             status: l.status,
-            headers: l.headers.clone(),
-            body_prefix: l.body_prefix[..l.body_prefix.len().min(BODY_PREFIX_MAX)].to_vec(),
-            error: l.error.clone(),
+            headers: HeadersRef(&l.headers),
+            body_prefix: &l.body_prefix[..l.body_prefix.len().min(BODY_PREFIX_MAX)],
+            error: l.error.as_deref(),
             at_ms: l.at_ms,
         }),
-        dead_reason: job.dead_reason.clone(),
+        dead_reason: job.dead_reason.as_deref(),
     };
     encode(&rec)
 }
@@ -146,8 +205,8 @@ pub fn decode_job(bytes: &[u8]) -> Result<Job, DecodeError> {
         route: r.route,
         method: r.method,
         uri: r.uri,
-        headers: r.headers,
-        body: r.body.into(),
+        headers: headers_from(r.headers),
+        body: r.body.into_vec().into(),
         traceparent: r.traceparent,
         idempotency_key: r.idempotency_key,
         fingerprint: r.fingerprint,
@@ -159,8 +218,8 @@ pub fn decode_job(bytes: &[u8]) -> Result<Job, DecodeError> {
         updated_at_ms: r.updated_at_ms,
         last: r.last.map(|l| LastOutcome {
             status: l.status,
-            headers: l.headers,
-            body_prefix: l.body_prefix,
+            headers: headers_from(l.headers),
+            body_prefix: l.body_prefix.into_vec(),
             error: l.error,
             at_ms: l.at_ms,
         }),
@@ -202,4 +261,79 @@ pub fn encode_route(r: &RouteRecordV1) -> Vec<u8> {
 
 pub fn decode_route(bytes: &[u8]) -> Result<RouteRecordV1, DecodeError> {
     decode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record as the first release wrote it: byte strings as plain `Vec<u8>`.
+    #[derive(Serialize)]
+    struct OldOutcome {
+        status: Option<u16>,
+        headers: Vec<(String, Vec<u8>)>,
+        body_prefix: Vec<u8>,
+        error: Option<String>,
+        at_ms: u64,
+    }
+
+    #[derive(Serialize)]
+    struct OldJob {
+        id: u128,
+        route: String,
+        method: String,
+        uri: String,
+        headers: Vec<(String, Vec<u8>)>,
+        body: Vec<u8>,
+        traceparent: Option<String>,
+        idempotency_key: String,
+        fingerprint: [u8; 32],
+        created_at_ms: u64,
+        ordering_key: Option<String>,
+        state: u8,
+        attempts: u32,
+        next_attempt_at_ms: u64,
+        updated_at_ms: u64,
+        last: Option<OldOutcome>,
+        dead_reason: Option<String>,
+    }
+
+    #[test]
+    fn serde_bytes_encoding_is_byte_identical_to_the_first_release() {
+        let old = OldJob {
+            id: 7,
+            route: "r".into(),
+            method: "POST".into(),
+            uri: "http://u/x".into(),
+            headers: vec![("a".into(), vec![1, 2, 255])],
+            body: (0..=255u8).collect(),
+            traceparent: Some("00-ab-cd-01".into()),
+            idempotency_key: "k".into(),
+            fingerprint: [9; 32],
+            created_at_ms: 1,
+            ordering_key: None,
+            state: 2,
+            attempts: 3,
+            next_attempt_at_ms: 4,
+            updated_at_ms: 5,
+            last: Some(OldOutcome {
+                status: Some(503),
+                headers: vec![("retry-after".into(), b"2".to_vec())],
+                body_prefix: b"busy".to_vec(),
+                error: None,
+                at_ms: 6,
+            }),
+            dead_reason: None,
+        };
+        let bytes = encode(&old);
+        let job = decode_job(&bytes).expect("old record decodes");
+        assert_eq!(job.body.as_ref(), old.body.as_slice());
+        assert_eq!(job.headers, old.headers);
+        assert_eq!(job.state, JobState::Retrying);
+        assert_eq!(
+            job.last.as_ref().map(|l| l.body_prefix.clone()),
+            Some(b"busy".to_vec())
+        );
+        assert_eq!(encode_job(&job), bytes, "new encoder writes the same bytes");
+    }
 }
