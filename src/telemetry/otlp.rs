@@ -54,6 +54,16 @@ pub(super) fn from_env() -> (Telemetry, Option<String>) {
     if !asked || env_is("OTEL_SDK_DISABLED", "true") || env_is("OTEL_TRACES_EXPORTER", "none") {
         return (none, None);
     }
+    let endpoint =
+        env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    if endpoint.is_some_and(|e| e.trim().to_ascii_lowercase().starts_with("https:")) {
+        // The exporter's client is built without TLS: spillway's own TLS stack is ring-based
+        // rustls, and the exporter's would bring a second crypto provider.
+        return (
+            none,
+            Some("the OTLP endpoint is https, which this build does not speak; point it at an http:// collector next to spillway".into()),
+        );
+    }
     let exporter = match opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()
