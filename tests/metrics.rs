@@ -5,6 +5,8 @@ mod support;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::Request;
@@ -26,7 +28,7 @@ routes:
     retry:
       max_attempts: 5
       retry_on: [503]
-      backoff: {{ initial: 3s, max: 3s, multiplier: 2.0, jitter: none }}
+      backoff: {{ initial: 100ms, max: 100ms, jitter: none }}
 "
     )
 }
@@ -65,6 +67,15 @@ async fn scrape(sw: &Spillway) -> String {
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
     String::from_utf8(a.body.to_vec()).unwrap()
+}
+
+/// POSTs to the admin API (no token configured); returns the status.
+async fn admin_post(sw: &Spillway, path: &str) -> u16 {
+    let req = Request::post(path)
+        .header("host", "admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(sw.admin, req).await.status
 }
 
 /// Scrapes until `cond` holds for a scrape, and returns that scrape.
@@ -135,11 +146,12 @@ fn promtool_check(text: &str) {
 
 #[tokio::test]
 async fn queue_metrics_follow_jobs_from_accept_to_delivery_and_dead_letter() {
-    // "poison" is refused for good; anything else fails once, then is delivered.
-    let up = FlakyUpstream::start(|n, r| {
+    // "poison" is refused for good; "ok" fails once, then is delivered.
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let up = FlakyUpstream::start(move |_, r| {
         if r.body == "poison" {
             Action::status(400)
-        } else if n == 0 {
+        } else if !failed_once.swap(true, Ordering::SeqCst) {
             Action::status(503)
         } else {
             Action::status(200)
@@ -147,6 +159,7 @@ async fn queue_metrics_follow_jobs_from_accept_to_delivery_and_dead_letter() {
     })
     .await;
     let sw = Spillway::start(&deferred_config(up.addr));
+    let hooks = [("route", "hooks")];
 
     let text = scrape(&sw).await;
     assert!(is(
@@ -161,74 +174,46 @@ async fn queue_metrics_follow_jobs_from_accept_to_delivery_and_dead_letter() {
         &[]
     )
     .is_some_and(|t| t > 1.0e9));
-    assert!(is(
-        &text,
-        "spillway_queue_depth",
-        &[("route", "hooks")],
-        0.0
-    ));
+    assert!(is(&text, "spillway_queue_depth", &hooks, 0.0));
     assert!(is(
         &text,
         "spillway_queue_oldest_job_age_seconds",
-        &[("route", "hooks")],
+        &hooks,
         0.0
     ));
+    assert!(value(&text, "spillway_queue_oldest_job_timestamp_seconds", &hooks).is_none());
 
+    // Paused, the route accepts but delivers nothing: the jobs wait as `queued`.
+    assert_eq!(admin_post(&sw, "/routes/hooks/pause").await, 200);
     assert_eq!(send(sw.proxy, post("ok")).await.status, 202);
-    // The first attempt gets 503; the job then waits 3 s as `retrying`.
-    let text = scrape_until(&sw, "the job retrying after a 503", |text| {
+    assert_eq!(send(sw.proxy, post("poison")).await.status, 202);
+    let text = scrape_until(&sw, "two jobs queued, the oldest aging", |text| {
         is(
             text,
             "spillway_queue_depth",
-            &[("route", "hooks"), ("state", "retrying")],
-            1.0,
-        )
+            &[("route", "hooks"), ("state", "queued")],
+            2.0,
+        ) && value(text, "spillway_queue_oldest_job_age_seconds", &hooks).is_some_and(|a| a > 0.0)
     })
     .await;
-    let hooks = [("route", "hooks")];
-    assert!(is(&text, "spillway_enqueued_total", &hooks, 1.0));
-    assert!(value(&text, "spillway_queue_oldest_job_age_seconds", &hooks).is_some_and(|a| a > 0.0));
+    assert!(is(&text, "spillway_enqueued_total", &hooks, 2.0));
     assert!(value(&text, "spillway_queue_oldest_job_timestamp_seconds", &hooks).is_some());
-    assert!(is(
-        &text,
-        "spillway_delivery_attempts_total",
-        &[
-            ("route", "hooks"),
-            ("outcome", "retry"),
-            ("reason", "status_503")
-        ],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_retries_total",
-        &[
-            ("route", "hooks"),
-            ("mode", "deferred"),
-            ("reason", "status_503")
-        ],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_upstream_requests_total",
-        &[("route", "hooks"), ("mode", "deferred"), ("outcome", "503")],
-        1.0
-    ));
     assert!(is(
         &text,
         "spillway_requests_total",
         &[("route", "hooks"), ("mode", "deferred"), ("code", "2xx")],
-        1.0
+        2.0
     ));
     assert!(is(
         &text,
         "spillway_request_duration_seconds_count",
         &[("route", "hooks"), ("mode", "deferred")],
-        1.0
+        2.0
     ));
+    assert!(value(&text, "spillway_delivery_attempts_total", &hooks).is_none());
+    assert_eq!(up.count(), 0);
 
-    assert_eq!(send(sw.proxy, post("poison")).await.status, 202);
+    assert_eq!(admin_post(&sw, "/routes/hooks/resume").await, 200);
     let text = scrape_until(&sw, "one delivered, one dead, nothing queued", |text| {
         is(text, "spillway_delivered_total", &hooks, 1.0)
             && is(text, "spillway_dead_letter_depth", &hooks, 1.0)
@@ -242,24 +227,29 @@ async fn queue_metrics_follow_jobs_from_accept_to_delivery_and_dead_letter() {
             })
     })
     .await;
-    assert!(is(&text, "spillway_enqueued_total", &hooks, 2.0));
+    assert_eq!(up.count(), 3);
+    for (outcome, reason) in [
+        ("retry", "status_503"),
+        ("delivered", "ok"),
+        ("dead", "non_retryable_status"),
+    ] {
+        assert!(
+            is(
+                &text,
+                "spillway_delivery_attempts_total",
+                &[("route", "hooks"), ("outcome", outcome), ("reason", reason)],
+                1.0
+            ),
+            "{outcome} {reason} in\n{text}"
+        );
+    }
     assert!(is(
         &text,
-        "spillway_delivery_attempts_total",
+        "spillway_retries_total",
         &[
             ("route", "hooks"),
-            ("outcome", "delivered"),
-            ("reason", "ok")
-        ],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_delivery_attempts_total",
-        &[
-            ("route", "hooks"),
-            ("outcome", "dead"),
-            ("reason", "non_retryable_status")
+            ("mode", "deferred"),
+            ("reason", "status_503")
         ],
         1.0
     ));
@@ -270,17 +260,19 @@ async fn queue_metrics_follow_jobs_from_accept_to_delivery_and_dead_letter() {
         1.0
     ));
     assert!(is(&text, "spillway_queue_time_seconds_count", &hooks, 1.0));
+    for code in ["503", "200", "400"] {
+        assert!(is(
+            &text,
+            "spillway_upstream_requests_total",
+            &[("route", "hooks"), ("mode", "deferred"), ("outcome", code)],
+            1.0
+        ));
+    }
     assert!(is(
         &text,
-        "spillway_upstream_requests_total",
-        &[("route", "hooks"), ("mode", "deferred"), ("outcome", "200")],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_upstream_requests_total",
-        &[("route", "hooks"), ("mode", "deferred"), ("outcome", "400")],
-        1.0
+        "spillway_upstream_request_duration_seconds_count",
+        &[("route", "hooks"), ("mode", "deferred")],
+        3.0
     ));
     assert!(is(
         &text,
