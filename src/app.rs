@@ -1,5 +1,5 @@
-//! `App::build` binds every listener (port 0 allowed), reports what it bound, and runs
-//! until told to stop; `shutdown` drains within `shutdown_grace`.
+//! `App::build` binds every listener (port 0 allowed) and runs until told to stop;
+//! `report_listeners` prints what it bound; `shutdown` drains within `shutdown_grace`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,12 +12,10 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, Readiness};
 use crate::client::HttpClient;
 use crate::config::Config;
-use crate::dispatch::Dispatcher;
-use crate::proxy::defer::{now_ms, Deferrer};
-use crate::proxy::{server, Proxy};
+use crate::proxy::defer::now_ms;
+use crate::proxy::server;
 use crate::queue::{JobStore, RedbStore};
-use std::collections::HashMap;
-use tokio::sync::Notify;
+use crate::reload::Runtime;
 use tokio_util::task::TaskTracker;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,13 +40,12 @@ pub struct App {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     /// The config the admin API shows; a reload sends the new one here.
-    pub config: tokio::sync::watch::Sender<Arc<Config>>,
     ready: Readiness,
     stop: CancellationToken,
     proxy_task: JoinHandle<hyper_util::server::graceful::GracefulShutdown>,
     admin_task: JoinHandle<()>,
     tasks: TaskTracker,
-    grace: Duration,
+    runtime: Arc<Runtime>,
 }
 
 /// One machine-readable line per bound listener on stdout, so tests and scripts learn
@@ -61,6 +58,18 @@ fn report(name: &str, addr: SocketAddr) {
 }
 
 impl App {
+    /// What a config reload replaces, and the accessors the admin API reads.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Prints the listening lines; the binary calls it once it is ready to be driven
+    /// (signal handlers installed).
+    pub fn report_listeners(&self) {
+        report("proxy", self.proxy_addr);
+        report("admin", self.admin_addr);
+    }
+
     pub async fn build(config: Config) -> Result<App, AppError> {
         if !config.admin.listen.ip().is_loopback() {
             let var = config.admin.token_env.clone().unwrap_or_default();
@@ -97,12 +106,6 @@ impl App {
             Some(Arc::new(store))
         };
 
-        let wake: Option<HashMap<String, Arc<Notify>>> = store.as_ref().map(|_| {
-            deferrable
-                .iter()
-                .map(|r| (r.name.clone(), Arc::new(Notify::new())))
-                .collect()
-        });
         let bind = |name: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -126,17 +129,16 @@ impl App {
             })?;
 
         let ready = Readiness::default();
-        let deferrer = match (&store, &wake) {
-            (Some(store), Some(wake)) => Some(Arc::new(Deferrer {
-                store: store.clone(),
-                admin_base: format!("http://{admin_addr}"),
-                wake: wake.clone(),
-            })),
-            _ => None,
-        };
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let proxy =
-            Arc::new(Proxy::new(&config, client.clone(), deferrer).with_metrics(metrics.clone()));
+        let runtime = Runtime::start(
+            config.clone(),
+            client,
+            store.clone(),
+            format!("http://{admin_addr}"),
+            stop.clone(),
+            tasks.clone(),
+            Arc::new(crate::metrics::Metrics::new()),
+        );
+        let proxy = runtime.proxy().clone();
         let proxy_task = tokio::spawn(server::serve(
             proxy_listener,
             proxy.clone(),
@@ -144,15 +146,10 @@ impl App {
             stop.clone(),
         ));
         let admin_stop = stop.clone();
-        let (config_tx, config_rx) = tokio::sync::watch::channel(Arc::new(config.clone()));
         let router = admin::router(admin::AdminState {
             ready: ready.clone(),
-            store: store.clone(),
-            config: config_rx,
-            proxy: proxy.clone(),
-            wake: Arc::new(wake.clone().unwrap_or_default()),
+            runtime: runtime.clone(),
             auth: admin::Auth::from_env(&config.admin),
-            metrics: metrics.clone(),
         });
         let admin_task = tokio::spawn(async move {
             let serve = axum::serve(admin_listener, router)
@@ -162,41 +159,23 @@ impl App {
             }
         });
 
-        if let (Some(store), Some(wake)) = (&store, &wake) {
-            for route in &deferrable {
-                let Some(w) = wake.get(&route.name) else {
-                    continue;
-                };
-                let d = Dispatcher::new(
-                    store.clone(),
-                    route.clone(),
-                    client.clone(),
-                    w.clone(),
-                    stop.clone(),
-                    tasks.clone(),
-                )
-                .with_metrics(metrics.clone());
-                tasks.spawn(d.run());
-            }
+        if let Some(store) = &store {
             tasks.spawn(purge(store.clone(), stop.clone()));
         }
 
         // Ready before the listeners are reported: whoever reads the report may probe
         // /readyz at once.
         ready.set(true);
-        report("proxy", proxy_addr);
-        report("admin", admin_addr);
         tracing::info!(%proxy_addr, %admin_addr, routes = ?proxy.route_names(), "spillway started");
         Ok(App {
             proxy_addr,
             admin_addr,
-            config: config_tx,
             ready,
             stop,
             proxy_task,
             admin_task,
             tasks,
-            grace: config.shutdown_grace,
+            runtime,
         })
     }
 
@@ -213,7 +192,9 @@ impl App {
         // period. One cut short stays in_flight on disk and is delivered after restart.
         self.tasks.close();
         let tasks = self.tasks;
-        let drained = tokio::time::timeout(self.grace, async {
+        // Read now: a reload may have changed it.
+        let grace = self.runtime.config().shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
             graceful.shutdown().await;
             tasks.wait().await;
         })
@@ -223,7 +204,7 @@ impl App {
         if drained {
             tracing::info!("drained; exiting");
         } else {
-            tracing::warn!(grace = ?self.grace, "shutdown grace ran out with requests in flight");
+            tracing::warn!(?grace, "shutdown grace ran out with requests in flight");
         }
         drained
     }

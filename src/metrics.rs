@@ -930,6 +930,9 @@ mod tests {
         async fn purge_expired(&self, _: u64, _: usize) -> Result<u64, StoreError> {
             Err(StoreError::Closed)
         }
+        async fn routes(&self) -> Result<Vec<String>, StoreError> {
+            Err(StoreError::Closed)
+        }
         fn healthy(&self) -> bool {
             false
         }

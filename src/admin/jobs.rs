@@ -107,7 +107,7 @@ pub async fn retry(
         let state = store.get(id).await?.map_or(job.state, |j| j.state);
         return Err(AdminError::NotRetryable { id, state });
     }
-    st.wake(&job.route);
+    st.wake(&job.route).await;
     tracing::info!(job_id = %id, route = %job.route, attempts = job.attempts, "job retried from the admin API");
     let job = store.get(id).await?.ok_or(AdminError::JobNotFound(id))?;
     Ok(Json(summary(&job)))

@@ -10,7 +10,6 @@ pub mod jobs;
 pub mod redact;
 pub mod routes;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -20,11 +19,11 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::queue::JobStore;
+use crate::reload::Runtime;
 pub use auth::Auth;
 pub use error::AdminError;
 
@@ -45,42 +44,38 @@ impl Readiness {
 #[derive(Clone)]
 pub struct AdminState {
     pub ready: Readiness,
-    /// `None` when no route is deferrable: job endpoints answer `no_queue`.
-    pub store: Option<Arc<dyn JobStore>>,
-    /// The loaded config; a reload sends the new one.
-    pub config: watch::Receiver<Arc<Config>>,
-    /// For circuit breaker states.
-    pub proxy: Arc<Proxy>,
-    /// Per deferrable route: wakes its dispatcher after retry, replay and resume.
-    pub wake: Arc<HashMap<String, Arc<Notify>>>,
+    /// The config in force (it follows reloads), the proxy (circuit states), the store
+    /// (`None` when no route is deferrable: job endpoints answer `no_queue`) and the
+    /// dispatchers to wake.
+    pub runtime: Arc<Runtime>,
     pub auth: Auth,
-    /// The registry `GET /metrics` exports.
-    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AdminState {
     pub(crate) fn config(&self) -> Arc<Config> {
-        self.config.borrow().clone()
+        self.runtime.config()
     }
 
     pub(crate) fn store(&self) -> Result<&Arc<dyn JobStore>, AdminError> {
-        self.store.as_ref().ok_or(AdminError::NoQueue)
+        self.runtime.store().ok_or(AdminError::NoQueue)
+    }
+
+    pub(crate) fn proxy(&self) -> &Arc<Proxy> {
+        self.runtime.proxy()
     }
 
     /// Lets the route's dispatcher look at its queue now rather than at its next timer.
-    pub(crate) fn wake(&self, route: &str) {
-        if let Some(w) = self.wake.get(route) {
-            w.notify_one();
-        }
+    pub(crate) async fn wake(&self, route: &str) {
+        self.runtime.wake(route).await;
     }
 }
 
 pub fn router(state: AdminState) -> Router {
     let auth = state.auth.clone();
     let scrape = crate::metrics::Scrape {
-        metrics: state.metrics.clone(),
-        store: state.store.clone(),
-        source: state.proxy.clone(),
+        metrics: state.runtime.metrics().clone(),
+        store: state.runtime.store().cloned(),
+        source: state.runtime.proxy().clone(),
     };
     Router::new()
         .route("/healthz", get(healthz))
@@ -109,7 +104,7 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(st): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
-    let storage_ok = st.store.as_ref().is_none_or(|s| s.healthy());
+    let storage_ok = st.runtime.store().is_none_or(|s| s.healthy());
     if !storage_ok {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -15,6 +15,7 @@ pub mod tunnel;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{BodyExt, Limited};
@@ -42,15 +43,62 @@ pub enum Handler {
     Deferred,
 }
 
-/// Everything the request path shares, built once from a [`Config`].
+/// Everything the request path shares, built once from a [`Config`]; the route table
+/// is swapped whole on a config reload.
 pub struct Proxy {
+    table: ArcSwap<Table>,
+    client: HttpClient,
+    tunnels: Arc<tokio::sync::Semaphore>,
+    /// Breakers of the current passthrough routes; kept across reloads with their routes.
+    circuits: Circuits,
+    metrics: Arc<Metrics>,
+}
+
+/// What a reload replaces: a request loads it once, so it sees one config throughout.
+struct Table {
     routes: RouteTable<Handler>,
     unmatched: Option<BoxHttp>,
     limits: crate::config::Limits,
-    tunnels: Arc<tokio::sync::Semaphore>,
     deferrer: Option<Arc<defer::Deferrer>>,
-    circuits: Circuits,
-    metrics: Arc<Metrics>,
+}
+
+impl Table {
+    /// `keep` hands back a passthrough route's running stack (breaker, rate limiter and
+    /// retry budget state included) when its config did not change.
+    fn build(
+        config: &Config,
+        client: &HttpClient,
+        deferrer: Option<Arc<defer::Deferrer>>,
+        circuits: &Circuits,
+        keep: impl Fn(&str) -> Option<Handler>,
+    ) -> Table {
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let h = if r.deferrable {
+                    Handler::Deferred
+                } else {
+                    keep(&r.name).unwrap_or_else(|| {
+                        Handler::Passthrough(passthrough::mk_passthrough(
+                            r,
+                            client.clone(),
+                            circuits,
+                        ))
+                    })
+                };
+                (r.clone(), h)
+            })
+            .collect();
+        let unmatched = (config.unmatched == Unmatched::Passthrough)
+            .then(|| passthrough::mk_unmatched(Duration::from_secs(30), client.clone()));
+        Table {
+            routes: RouteTable::new(routes),
+            unmatched,
+            limits: config.limits.clone(),
+            deferrer,
+        }
+    }
 }
 
 impl Proxy {
@@ -60,26 +108,11 @@ impl Proxy {
         deferrer: Option<Arc<defer::Deferrer>>,
     ) -> Self {
         let circuits = Circuits::default();
-        let routes = config
-            .routes
-            .iter()
-            .map(|r| {
-                let h = if r.deferrable {
-                    Handler::Deferred
-                } else {
-                    Handler::Passthrough(passthrough::mk_passthrough(r, client.clone(), &circuits))
-                };
-                (r.clone(), h)
-            })
-            .collect();
-        let unmatched = (config.unmatched == Unmatched::Passthrough)
-            .then(|| passthrough::mk_unmatched(Duration::from_secs(30), client.clone()));
+        let table = Table::build(config, &client, deferrer, &circuits, |_| None);
         Proxy {
-            routes: RouteTable::new(routes),
-            unmatched,
-            limits: config.limits.clone(),
+            table: ArcSwap::from_pointee(table),
+            client,
             tunnels: Arc::new(tokio::sync::Semaphore::new(config.limits.max_tunnels)),
-            deferrer,
             circuits,
             // Counted but not exported until `with_metrics` shares the exported registry.
             metrics: Arc::new(Metrics::new()),
@@ -90,6 +123,36 @@ impl Proxy {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
         self
+    }
+
+    /// Replaces routes, limits and the unmatched policy for every request that starts
+    /// after this returns; requests in progress finish on the table they started with.
+    /// Passthrough routes named in `unchanged` keep their running stack and its state.
+    pub fn swap(
+        &self,
+        config: &Config,
+        deferrer: Option<Arc<defer::Deferrer>>,
+        unchanged: &std::collections::HashSet<String>,
+    ) {
+        let old = self.table.load_full();
+        let keep = |name: &str| {
+            if !unchanged.contains(name) {
+                return None;
+            }
+            old.routes
+                .iter()
+                .find(|(r, h)| r.name == name && matches!(h, Handler::Passthrough(_)))
+                .map(|(_, h)| h.clone())
+        };
+        let table = Table::build(config, &self.client, deferrer, &self.circuits, keep);
+        // Routes gone, or now deferrable, have no breaker to report.
+        self.circuits.retain(|name| {
+            table
+                .routes
+                .iter()
+                .any(|(r, h)| r.name == name && matches!(h, Handler::Passthrough(_)))
+        });
+        self.table.store(Arc::new(table));
     }
 
     /// The breaker state of a passthrough route that has a `circuit_breaker`; `None`
@@ -171,33 +234,34 @@ impl Proxy {
         log_path: &mut String,
         mode: &mut Mode,
     ) -> Result<Response<Body>, ProxyError> {
+        let table = self.table.load_full();
         let target = target::normalise(&req).map_err(|e| match e {
             TargetError::HostMismatch { .. } => ProxyError::HostMismatch(e.to_string()),
             TargetError::Invalid(m) => ProxyError::BadRequest(m.to_owned()),
         })?;
         log_path.push_str(target.path());
 
-        if headers::header_bytes(req.headers()) > self.limits.max_header_bytes {
+        if headers::header_bytes(req.headers()) > table.limits.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge {
-                limit: self.limits.max_header_bytes,
+                limit: table.limits.max_header_bytes,
             });
         }
 
         if target.connect {
             let port = target.port.unwrap_or(443);
-            let (route, _) = self
+            let (route, _) = table
                 .routes
                 .find_connect(&target.host, port)
                 .ok_or_else(|| ProxyError::NoRoute(format!("CONNECT {}", target.authority())))?;
             route_name.clone_from(&route.name);
             *mode = Mode::Connect;
-            return tunnel::connect(req, &target, &self.tunnels, &self.limits).await;
+            return tunnel::connect(req, &target, &self.tunnels, &table.limits).await;
         }
 
-        let found = self.routes.find(&target, req.method());
+        let found = table.routes.find(&target, req.method());
         let (route, handler) = match found {
             Some((route, handler)) => (Some(route), handler.clone()),
-            None => match &self.unmatched {
+            None => match &table.unmatched {
                 Some(svc) if !target.host.is_empty() => (None, Handler::Passthrough(svc.clone())),
                 _ => {
                     return Err(ProxyError::NoRoute(format!(
@@ -219,10 +283,10 @@ impl Proxy {
             Handler::Deferred => Mode::Deferred,
         };
 
-        let mut upstream_req = self.buffer(req).await?;
+        let mut upstream_req = buffer(req, &table.limits).await?;
         rewrite(&mut upstream_req, route.map(|r| &**r), &target)?;
 
-        let svc = match (handler, route, &self.deferrer) {
+        let svc = match (handler, route, &table.deferrer) {
             (Handler::Passthrough(svc), _, _) => svc,
             (Handler::Deferred, Some(route), Some(deferrer)) => {
                 return Ok(deferrer.accept(route, upstream_req, &self.metrics).await);
@@ -246,38 +310,42 @@ impl Proxy {
         Ok(rsp)
     }
 
-    /// Reads the whole body under `max_body_bytes` and the body deadline, so that a
-    /// request is refused before any byte of it reaches an upstream.
-    async fn buffer(&self, req: Request<Incoming>) -> Result<Request<Bytes>, ProxyError> {
-        let limit = self.limits.max_body_bytes;
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(ProxyError::BodyTooLarge { limit });
-        }
-        let (parts, body) = req.into_parts();
-        let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-        let deadline = self.limits.body_read_timeout;
-        let collected = tokio::time::timeout(deadline, limited.collect())
-            .await
-            .map_err(|_| ProxyError::BodyTimeout(deadline))?
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    ProxyError::BodyTooLarge { limit }
-                } else {
-                    ProxyError::BadRequest(format!("the request body could not be read: {e}"))
-                }
-            })?;
-        Ok(Request::from_parts(parts, collected.to_bytes()))
-    }
-
     /// Routes a list of names and modes, for logs at startup.
     pub fn route_names(&self) -> Vec<String> {
-        self.routes.iter().map(|(r, _)| r.name.clone()).collect()
+        let table = self.table.load();
+        table.routes.iter().map(|(r, _)| r.name.clone()).collect()
     }
+}
+
+/// Reads the whole body under `max_body_bytes` and the body deadline, so that a
+/// request is refused before any byte of it reaches an upstream.
+async fn buffer(
+    req: Request<Incoming>,
+    limits: &crate::config::Limits,
+) -> Result<Request<Bytes>, ProxyError> {
+    let limit = limits.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let (parts, body) = req.into_parts();
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    let deadline = limits.body_read_timeout;
+    let collected = tokio::time::timeout(deadline, limited.collect())
+        .await
+        .map_err(|_| ProxyError::BodyTimeout(deadline))?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ProxyError::BodyTooLarge { limit }
+            } else {
+                ProxyError::BadRequest(format!("the request body could not be read: {e}"))
+            }
+        })?;
+    Ok(Request::from_parts(parts, collected.to_bytes()))
 }
 
 /// Points the request at its upstream: absolute URI, `Host` = the upstream's authority,
@@ -335,7 +403,9 @@ fn request_id<B>(req: &mut Request<B>) -> String {
 
 impl crate::metrics::ScrapeSource for Proxy {
     fn queue_routes(&self) -> Vec<String> {
-        self.routes
+        let table = self.table.load();
+        table
+            .routes
             .iter()
             .filter(|(r, _)| r.deferrable)
             .map(|(r, _)| r.name.clone())
@@ -343,7 +413,9 @@ impl crate::metrics::ScrapeSource for Proxy {
     }
 
     fn circuits(&self) -> Vec<(String, CircuitState)> {
-        self.routes
+        let table = self.table.load();
+        table
+            .routes
             .iter()
             .filter_map(|(r, _)| Some((r.name.clone(), self.circuit_state(&r.name)?)))
             .collect()

@@ -424,6 +424,11 @@ impl Circuits {
     pub fn state(&self, route: &str) -> Option<CircuitState> {
         self.0.read().get(route).map(CircuitHandle::state)
     }
+
+    /// Forgets the breakers of routes for which `keep` is false (after a reload).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.0.write().retain(|name, _| keep(name));
+    }
 }
 
 impl<S> Layer<S> for BreakerLayer {

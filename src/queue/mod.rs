@@ -427,6 +427,11 @@ pub trait JobStore: Send + Sync + 'static {
 
     async fn stats(&self, route: &str) -> Result<RouteStats, StoreError>;
 
+    /// Every route that has a job stored in any state, sorted; read from the counters, so it
+    /// costs a few reads per route, never a scan of jobs. Routes that are no longer
+    /// configured show up here, which is how their jobs are found again.
+    async fn routes(&self) -> Result<Vec<String>, StoreError>;
+
     /// Removes delivered jobs (and their keys) past the dedupe window, at most `batch`.
     async fn purge_expired(&self, now_ms: u64, batch: usize) -> Result<u64, StoreError>;
 

@@ -372,6 +372,25 @@ pub(crate) async fn stats_follow_every_transition(s: &dyn JobStore) {
     assert_eq!(s.stats("nothing").await.unwrap(), RouteStats::default());
 }
 
+pub(crate) async fn routes_lists_routes_with_stored_jobs(s: &dyn JobStore) {
+    assert!(s.routes().await.unwrap().is_empty());
+    let a = stored(s, job("b-route", "1", "1", 10)).await;
+    stored(s, job("a-route", "2", "2", 10)).await;
+    let dead = stored(s, job("c-route", "3", "3", 10)).await;
+    assert_eq!(s.routes().await.unwrap(), ["a-route", "b-route", "c-route"]);
+    // Every state counts: a dead or delivered job is still stored under its route.
+    s.dead_letter(dead, "gone".into(), None).await.unwrap();
+    s.lease_due("b-route", 100, 1).await.unwrap();
+    s.ack(a, 100).await.unwrap();
+    assert_eq!(s.routes().await.unwrap(), ["a-route", "b-route", "c-route"]);
+    // Once its last job is gone, the route is gone, though its counters remain at zero.
+    assert!(s.delete(dead).await.unwrap());
+    assert_eq!(s.routes().await.unwrap(), ["a-route", "b-route"]);
+    // Pausing a route stores control state, not jobs.
+    s.set_paused("d-route", true).await.unwrap();
+    assert_eq!(s.routes().await.unwrap(), ["a-route", "b-route"]);
+}
+
 /// Every conformance check, each against a fresh store from `make`.
 macro_rules! conformance {
     ($make:expr; $($name:ident),* $(,)?) => {$(
@@ -404,6 +423,7 @@ mod redb_conformance {
         quota_fixed_windows,
         list_newest_first_with_cursor,
         stats_follow_every_transition,
+        routes_lists_routes_with_stored_jobs,
     );
 }
 

@@ -56,18 +56,21 @@ pub struct Spillway {
     pub log: PathBuf,
     runs: usize,
     env: Vec<(String, String)>,
+    args: Vec<String>,
 }
 
 fn spawn(
     dir: &std::path::Path,
     run: usize,
     env: &[(String, String)],
+    args: &[String],
 ) -> (Child, SocketAddr, SocketAddr, PathBuf) {
     let cfg = dir.join("spillway.yaml");
     let log = dir.join(format!("spillway-{run}.log"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_spillway"))
         .args(["run", "-c"])
         .arg(&cfg)
+        .args(args)
         .env("SPILLWAY_LOG_FORMAT", "json")
         .env("SPILLWAY_LOG", "info")
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -115,11 +118,21 @@ impl Spillway {
     /// Starts the binary on `yaml`; the config's listeners should use port 0. `{data}`
     /// in the text is replaced by a fresh directory.
     pub fn start(yaml: &str) -> Spillway {
-        Spillway::start_with_env(yaml, &[])
+        Spillway::start_with(yaml, &[], &[])
     }
 
     /// Like [`Spillway::start`], with extra environment variables (kept on restart).
     pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Spillway {
+        Spillway::start_with(yaml, &[], env)
+    }
+
+    /// [`Spillway::start`] with more arguments after `run -c FILE`.
+    pub fn start_with_args(yaml: &str, args: &[&str]) -> Spillway {
+        Spillway::start_with(yaml, args, &[])
+    }
+
+    /// Extra arguments and environment variables, both kept on restart.
+    pub fn start_with(yaml: &str, args: &[&str], env: &[(&str, &str)]) -> Spillway {
         let dir = tempfile::tempdir().unwrap();
         let yaml = yaml.replace("{data}", &dir.path().display().to_string());
         std::fs::write(dir.path().join("spillway.yaml"), yaml).unwrap();
@@ -127,7 +140,8 @@ impl Spillway {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let (child, proxy, admin, log) = spawn(dir.path(), 0, &env);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, proxy, admin, log) = spawn(dir.path(), 0, &env, &args);
         Spillway {
             child,
             proxy,
@@ -136,6 +150,7 @@ impl Spillway {
             log,
             runs: 1,
             env,
+            args,
         }
     }
 
@@ -149,7 +164,7 @@ impl Spillway {
     /// data directory (new ports).
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, proxy, admin, log) = spawn(self.dir.path(), self.runs, &self.env);
+        let (child, proxy, admin, log) = spawn(self.dir.path(), self.runs, &self.env, &self.args);
         self.runs += 1;
         self.child = child;
         self.proxy = proxy;

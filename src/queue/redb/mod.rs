@@ -502,6 +502,23 @@ impl JobStore for RedbStore {
         .await
     }
 
+    async fn routes(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|tx| {
+            let c = tx.open_table(schema::COUNTERS)?;
+            // Keys sort by (route, state), so one pass sees each route's counters together.
+            let mut out: Vec<String> = Vec::new();
+            for e in redb::ReadableTable::iter(&c)? {
+                let (k, v) = e?;
+                let (route, _) = k.value();
+                if v.value() > 0 && out.last().map(String::as_str) != Some(route) {
+                    out.push(route.to_owned());
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn purge_expired(&self, now_ms: u64, batch: usize) -> Result<u64, StoreError> {
         self.submit(true, move |tx| ops::purge_expired(tx, now_ms, batch))
             .await
