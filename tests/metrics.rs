@@ -415,3 +415,66 @@ async fn passthrough_status_codes_retries_refusals_and_circuit_state_are_counted
         .starts_with("application/openmetrics-text"));
     assert!(String::from_utf8_lossy(&om.body).ends_with("# EOF\n"));
 }
+
+#[tokio::test]
+async fn a_rejected_reload_counts_an_error_and_a_good_one_moves_the_timestamp() {
+    let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let sw = Spillway::start(&passthrough_config(up.addr));
+    let text = scrape(&sw).await;
+    let started = value(
+        &text,
+        "spillway_config_last_reload_success_timestamp_seconds",
+        &[],
+    )
+    .unwrap();
+    assert!(is(
+        &text,
+        "spillway_config_last_reload_successful",
+        &[],
+        1.0
+    ));
+    assert!(is(&text, "spillway_config_reload_errors_total", &[], 0.0));
+
+    // A new file is renamed over the old (the watcher sees it) and SIGHUP asks as well:
+    // one or two reloads, each rejected.
+    let write = |yaml: &str| {
+        let tmp = sw.dir.path().join(".spillway.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, sw.dir.path().join("spillway.yaml")).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sw.pid()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    };
+    write("routes: [ {name: broken\n");
+    let text = scrape_until(&sw, "the rejected reload counted", |text| {
+        value(text, "spillway_config_reload_errors_total", &[]).is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    assert!(is(
+        &text,
+        "spillway_config_last_reload_successful",
+        &[],
+        0.0
+    ));
+    assert!(is(
+        &text,
+        "spillway_config_last_reload_success_timestamp_seconds",
+        &[],
+        started
+    ));
+
+    write(&passthrough_config(up.addr).replace("timeout: 5s", "timeout: 4s"));
+    let text = scrape_until(&sw, "the good reload recorded", |text| {
+        is(text, "spillway_config_last_reload_successful", &[], 1.0)
+    })
+    .await;
+    assert!(value(
+        &text,
+        "spillway_config_last_reload_success_timestamp_seconds",
+        &[]
+    )
+    .is_some_and(|t| t > started));
+    promtool_check(&text);
+}
