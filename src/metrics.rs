@@ -216,6 +216,7 @@ pub struct Metrics {
     queue_oldest_age: Family<RouteLabels, FloatGauge>,
     queue_oldest_timestamp: Family<RouteLabels, FloatGauge>,
     dead_letter_depth: Family<RouteLabels, Gauge>,
+    queue_orphaned: Family<RouteLabels, Gauge>,
     queue_stats_errors: Counter,
     circuit_state: Family<StateLabels, Gauge>,
     config_last_reload_success: FloatGauge,
@@ -354,10 +355,16 @@ impl Metrics {
             "Dead-lettered jobs currently stored",
             dead_letter_depth.clone(),
         );
+        let queue_orphaned = Family::default();
+        r.register(
+            "queue_orphaned",
+            "1 for a route that has jobs stored but is not configured as deferrable: nothing delivers its jobs until it returns",
+            queue_orphaned.clone(),
+        );
         let queue_stats_errors = Counter::default();
         r.register(
             "queue_stats_errors",
-            "Scrapes that could not read a route's queue counters from storage",
+            "Reads of queue counters from storage that failed during a scrape",
             queue_stats_errors.clone(),
         );
         let circuit_state = Family::default();
@@ -410,6 +417,7 @@ impl Metrics {
             queue_oldest_age,
             queue_oldest_timestamp,
             dead_letter_depth,
+            queue_orphaned,
             queue_stats_errors,
             circuit_state,
             config_last_reload_success,
@@ -597,11 +605,29 @@ impl Metrics {
     }
 
     async fn refresh(&self, store: Option<&Arc<dyn JobStore>>, source: &dyn ScrapeSource) {
-        let routes: HashSet<String> = if store.is_some() {
-            source.queue_routes().into_iter().collect()
-        } else {
-            HashSet::new()
-        };
+        let mut routes: HashSet<String> = HashSet::new();
+        self.queue_orphaned.clear();
+        if let Some(store) = store {
+            routes.extend(source.queue_routes());
+            // Routes with jobs stored but no deferrable route configured (removed by a
+            // reload): nothing delivers them, which is exactly what operators must see.
+            match tokio::time::timeout(STATS_TIMEOUT, store.routes()).await {
+                Ok(Ok(stored)) => {
+                    for route in stored {
+                        if !routes.contains(&route) {
+                            self.queue_orphaned
+                                .get_or_create(&RouteLabels {
+                                    route: route.clone(),
+                                })
+                                .set(1);
+                            routes.insert(route);
+                        }
+                    }
+                }
+                Ok(Err(e)) => self.routes_failed(&e.to_string()),
+                Err(_) => self.routes_failed("timed out"),
+            }
+        }
         let gone: Vec<String> = {
             let mut known = self.queue_routes.lock();
             let gone = known.difference(&routes).cloned().collect();
@@ -673,6 +699,15 @@ impl Metrics {
         tracing::warn!(route, error, "metrics: cannot read queue counters");
         self.queue_stats_errors.inc();
         self.forget_queue(route);
+    }
+
+    /// Without the stored routes, orphaned routes are missing from this scrape.
+    fn routes_failed(&self, error: &str) {
+        tracing::warn!(
+            error,
+            "metrics: cannot list the routes that have stored jobs"
+        );
+        self.queue_stats_errors.inc();
     }
 
     fn forget_queue(&self, route: &str) {
@@ -837,7 +872,7 @@ mod tests {
         assert!(om.ends_with("# EOF\n"));
     }
 
-    /// Answers stats for `ok` and fails for every other route.
+    /// Holds jobs of `ok` and of `orphan` (no longer configured); stats of `broken` fail.
     struct HalfBroken;
 
     #[async_trait::async_trait]
@@ -916,22 +951,26 @@ mod tests {
             Err(StoreError::Closed)
         }
         async fn stats(&self, route: &str) -> Result<RouteStats, StoreError> {
-            if route == "ok" {
-                Ok(RouteStats {
+            match route {
+                "ok" => Ok(RouteStats {
                     queued: 3,
                     dead: 2,
                     oldest_queued_created_at_ms: Some(1_000),
                     ..RouteStats::default()
-                })
-            } else {
-                Err(StoreError::Unavailable("disk gone".into()))
+                }),
+                "orphan" => Ok(RouteStats {
+                    retrying: 1,
+                    ..RouteStats::default()
+                }),
+                "broken" => Err(StoreError::Unavailable("disk gone".into())),
+                _ => Ok(RouteStats::default()),
             }
         }
         async fn purge_expired(&self, _: u64, _: usize) -> Result<u64, StoreError> {
             Err(StoreError::Closed)
         }
         async fn routes(&self) -> Result<Vec<String>, StoreError> {
-            Err(StoreError::Closed)
+            Ok(vec!["ok".into(), "orphan".into()])
         }
         fn healthy(&self) -> bool {
             false
@@ -953,7 +992,7 @@ mod tests {
         let m = Metrics::new();
         let store: Arc<dyn JobStore> = Arc::new(HalfBroken);
         let (_, text) = m
-            .scrape(Some(&store), &Routes(vec!["ok", "broken"]), None)
+            .scrape(Some(&store), &Routes(vec!["ok", "broken", "fresh"]), None)
             .await;
         assert!(text.contains(r#"spillway_queue_depth{route="ok",state="queued"} 3"#));
         assert!(text.contains(r#"spillway_dead_letter_depth{route="ok"} 2"#));
@@ -961,10 +1000,18 @@ mod tests {
         assert!(!text.contains(r#"route="broken""#), "{text}");
         assert!(text.contains("spillway_queue_stats_errors_total 1"));
         assert!(text.contains("spillway_build_info"));
+        assert!(text.contains(r#"spillway_queue_depth{route="fresh",state="queued"} 0"#));
+        // Jobs of a route no longer configured stay visible, marked orphaned.
+        assert!(text.contains(r#"spillway_queue_depth{route="orphan",state="retrying"} 1"#));
+        assert!(text.contains(r#"spillway_queue_orphaned{route="orphan"} 1"#));
+        assert!(!text.contains(r#"spillway_queue_orphaned{route="ok"}"#));
 
-        // A route gone from the config (a reload) stops being reported.
-        let (_, text) = m.scrape(Some(&store), &Routes(vec![]), None).await;
-        assert!(!text.contains(r#"route="ok""#), "{text}");
+        // A route gone from the config with nothing stored stops being reported; one
+        // with jobs stored turns orphaned.
+        let (_, text) = m.scrape(Some(&store), &Routes(vec!["orphan"]), None).await;
+        assert!(!text.contains(r#"route="fresh""#), "{text}");
+        assert!(text.contains(r#"spillway_queue_orphaned{route="ok"} 1"#));
+        assert!(!text.contains(r#"spillway_queue_orphaned{route="orphan"}"#));
     }
 
     #[test]
