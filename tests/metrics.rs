@@ -478,3 +478,46 @@ async fn a_rejected_reload_counts_an_error_and_a_good_one_moves_the_timestamp() 
     .is_some_and(|t| t > started));
     promtool_check(&text);
 }
+
+#[tokio::test]
+async fn jobs_of_a_route_removed_by_a_reload_stay_counted_as_orphaned() {
+    let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let sw = Spillway::start(&deferred_config(up.addr));
+    // Paused, so the job is still stored when its route goes away.
+    assert_eq!(admin_post(&sw, "/routes/hooks/pause").await, 200);
+    assert_eq!(send(sw.proxy, post("kept")).await.status, 202);
+
+    let without_hooks = format!(
+        "listen: 127.0.0.1:0
+admin: {{ listen: 127.0.0.1:0 }}
+storage: {{ path: '{}/queue.redb' }}
+routes:
+  - name: api
+    match: {{ host: api.test }}
+    upstream: http://{}
+",
+        sw.dir.path().display(),
+        up.addr
+    );
+    let tmp = sw.dir.path().join(".spillway.yaml.tmp");
+    std::fs::write(&tmp, without_hooks).unwrap();
+    std::fs::rename(&tmp, sw.dir.path().join("spillway.yaml")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sw.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+
+    let text = scrape_until(&sw, "hooks reported as orphaned", |text| {
+        is(text, "spillway_queue_orphaned", &[("route", "hooks")], 1.0)
+    })
+    .await;
+    assert!(is(
+        &text,
+        "spillway_queue_depth",
+        &[("route", "hooks"), ("state", "queued")],
+        1.0
+    ));
+    assert_eq!(up.count(), 0);
+    promtool_check(&text);
+}
