@@ -398,9 +398,7 @@ impl Attempt {
         }
         self.wake.notify_one();
     }
-}
 
-impl Attempt {
     /// Metrics and the attempt span's outcome, from the verdict and what was observed.
     fn observe(&self, job: &Job, verdict: &Verdict, observed: Option<UpstreamOutcome>) {
         let route = &self.route.name;
