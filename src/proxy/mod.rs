@@ -3,6 +3,7 @@
 //! `rescue`. The data flow is drawn in `lib.rs`.
 
 pub mod defer;
+pub mod egress;
 pub mod headers;
 pub mod passthrough;
 pub mod rescue;
@@ -56,6 +57,7 @@ struct Table {
     routes: RouteTable<Handler>,
     unmatched: Option<BoxHttp>,
     limits: crate::config::Limits,
+    egress: crate::config::Egress,
     deferrer: Option<Arc<defer::Deferrer>>,
 }
 
@@ -87,12 +89,16 @@ impl Table {
                 (r.clone(), h)
             })
             .collect();
-        let unmatched = (config.unmatched == Unmatched::Passthrough)
-            .then(|| passthrough::mk_unmatched(Duration::from_secs(30), client.clone()));
+        // The client chose this destination: its own pool, every address checked.
+        let unmatched = (config.unmatched == Unmatched::Passthrough).then(|| {
+            let guarded = client.guarded(egress::Guard::new(&config.egress, false));
+            passthrough::mk_unmatched(Duration::from_secs(30), guarded)
+        });
         Table {
             routes: RouteTable::new(routes),
             unmatched,
             limits: config.limits.clone(),
+            egress: config.egress.clone(),
             deferrer,
         }
     }
@@ -208,7 +214,9 @@ impl Proxy {
                 .find_connect(&target.host, port)
                 .ok_or_else(|| ProxyError::NoRoute(format!("CONNECT {}", target.authority())))?;
             route_name.clone_from(&route.name);
-            return tunnel::connect(req, &target, &self.tunnels, &table.limits).await;
+            // The route names the host, but its address comes from DNS: checked too.
+            let guard = egress::Guard::new(&table.egress, route.allow_private);
+            return tunnel::connect(req, &target, &self.tunnels, &table.limits, &guard).await;
         }
 
         let found = table.routes.find(&target, req.method());
@@ -253,6 +261,12 @@ impl Proxy {
         let mut rsp = svc.ready().await?.call(upstream_req).await?;
         headers::strip_hop_by_hop(rsp.headers_mut());
         Ok(rsp)
+    }
+
+    /// `limits.max_requests_per_connection` of the current config, read when a
+    /// connection opens.
+    pub fn max_requests_per_connection(&self) -> u64 {
+        self.table.load().limits.max_requests_per_connection
     }
 
     /// Routes a list of names and modes, for logs at startup.
