@@ -4,6 +4,7 @@
 
 pub mod defer;
 pub mod egress;
+pub mod framing;
 pub mod headers;
 pub mod passthrough;
 pub mod rescue;
@@ -195,6 +196,15 @@ impl Proxy {
         log_path: &mut String,
     ) -> Result<Response<Body>, ProxyError> {
         let table = self.table.load_full();
+        // Before anything else reads the request: an ambiguous frame is never routed.
+        if req.extensions().get::<framing::AmbiguousFrame>().is_some() {
+            return Err(ProxyError::BadRequest(
+                "a request may not carry both Transfer-Encoding and Content-Length".into(),
+            ));
+        }
+        if let Some(why) = headers::framing_error(req.version(), req.headers()) {
+            return Err(ProxyError::BadRequest(why.to_owned()));
+        }
         let target = target::normalise(&req).map_err(|e| match e {
             TargetError::HostMismatch { .. } => ProxyError::HostMismatch(e.to_string()),
             TargetError::Invalid(m) => ProxyError::BadRequest(m.to_owned()),
@@ -315,6 +325,8 @@ fn rewrite(
     target: &Target,
 ) -> Result<(), ProxyError> {
     headers::strip_hop_by_hop(req.headers_mut());
+    let len = req.body().len();
+    headers::reframe(req.headers_mut(), len);
     let (uri, host) = match route {
         Some(r) => {
             let up = &r.upstream;
