@@ -1,6 +1,6 @@
 //! Request smuggling, over raw sockets against the real binary: every ambiguous frame is
 //! answered `400` and the connection closed; nothing reaches the upstream and nothing is
-//! queued.
+//! queued. Also the connection-level limit on requests per connection.
 
 mod support;
 
@@ -12,8 +12,12 @@ use tokio::net::TcpStream;
 
 /// A passthrough route (`api.test`) and a deferrable one (`hooks.test`), both to `up`.
 fn config(up: SocketAddr) -> String {
+    config_with(up, "")
+}
+
+fn config_with(up: SocketAddr, extra: &str) -> String {
     format!(
-        "listen: 127.0.0.1:0
+        "{extra}listen: 127.0.0.1:0
 admin: {{ listen: 127.0.0.1:0 }}
 storage: {{ path: '{{data}}/q.redb' }}
 shutdown_grace: 2s
@@ -285,4 +289,31 @@ async fn an_upstream_answer_with_te_and_cl_is_reframed_once() {
         .count();
     assert_eq!(framings, 1, "{answer}");
     assert!(answer.contains("streamed"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_connection_closes_after_max_requests_per_connection() {
+    let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let sw = Spillway::start(&config_with(
+        up.addr,
+        "limits: { max_requests_per_connection: 2 }\n",
+    ));
+    let one = "GET /n HTTP/1.1\r\nHost: api.test\r\n\r\n";
+    let (answer, closed) = exchange(sw.proxy, one.repeat(3).as_bytes()).await;
+    assert!(closed, "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    let second = answer.rfind("HTTP/1.1 200").unwrap();
+    assert!(
+        answer[second..]
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{answer}"
+    );
+    assert!(
+        !answer[..second]
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(up.count(), 2);
 }
