@@ -148,3 +148,22 @@ async fn connect_to_a_route_host_on_loopback_needs_allow_private() {
     ));
     let _tunnel = support::open_tunnel(sw.proxy, port).await;
 }
+
+#[tokio::test]
+async fn redirects_are_handed_back_not_followed() {
+    // The redirect points at another loopback port: following it would reach `other`.
+    let other = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let location = format!("http://127.0.0.1:{}/internal", other.addr.port());
+    let up = FlakyUpstream::start(move |_, _| Action::Respond {
+        status: 302,
+        headers: vec![("location", location.clone())],
+        body: bytes::Bytes::new(),
+    })
+    .await;
+    let sw = Spillway::start(&config("", &other_route(up.addr)));
+    let a = send(sw.proxy, get("/v1/x", "other.test")).await;
+    assert_eq!(a.status, 302);
+    assert!(a.header("location").unwrap().ends_with("/internal"));
+    assert_eq!(up.count(), 1);
+    assert_eq!(other.count(), 0);
+}

@@ -230,9 +230,9 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub fn new(egress: &Egress, allow_private: bool) -> Self {
+    pub fn new(egress: Arc<Egress>, allow_private: bool) -> Self {
         Guard {
-            egress: Arc::new(egress.clone()),
+            egress,
             allow_private,
         }
     }
@@ -528,11 +528,11 @@ mod tests {
         assert!(parse_host("256.256.256.256").is_err());
     }
 
-    fn egress(mode: DenyMode, allow: &[&str]) -> Egress {
-        Egress {
+    fn egress(mode: DenyMode, allow: &[&str]) -> Arc<Egress> {
+        Arc::new(Egress {
             deny_private: mode,
             allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
-        }
+        })
     }
 
     #[test]
@@ -542,32 +542,32 @@ mod tests {
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
         let public: IpAddr = "93.184.216.34".parse().unwrap();
 
-        let strict = Guard::new(&egress(DenyMode::Enforce, &[]), false);
+        let strict = Guard::new(egress(DenyMode::Enforce, &[]), false);
         assert_eq!(strict.check("h", lo).unwrap_err().class, Class::Loopback);
         assert!(strict.check("h", meta).is_err());
         assert!(strict.check("h", mapped).is_err());
         assert!(strict.check("h", public).is_ok());
 
-        let report = Guard::new(&egress(DenyMode::Report, &[]), false);
+        let report = Guard::new(egress(DenyMode::Report, &[]), false);
         assert!(report.check("h", lo).is_ok());
         assert!(report.check("h", meta).is_ok());
 
         // allow_private widens in-cluster ranges, never the metadata endpoint.
-        let wide = Guard::new(&egress(DenyMode::Enforce, &[]), true);
+        let wide = Guard::new(egress(DenyMode::Enforce, &[]), true);
         assert!(wide.check("h", lo).is_ok());
         assert!(wide.check("h", mapped).is_ok());
         assert!(wide.check("h", meta).is_err());
         assert!(wide.check("h", "224.0.0.1".parse().unwrap()).is_err());
 
         // The allow list matches v4-mapped addresses as their IPv4 host.
-        let listed = Guard::new(&egress(DenyMode::Enforce, &["10.0.0.0/8"]), false);
+        let listed = Guard::new(egress(DenyMode::Enforce, &["10.0.0.0/8"]), false);
         assert!(listed.check("h", mapped).is_ok());
         assert!(listed.check("h", lo).is_err());
     }
 
     #[tokio::test]
     async fn resolve_checks_numeric_spellings_without_dns() {
-        let strict = Guard::new(&egress(DenyMode::Enforce, &[]), false);
+        let strict = Guard::new(egress(DenyMode::Enforce, &[]), false);
         for h in [
             "127.1",
             "2130706433",
@@ -580,14 +580,14 @@ mod tests {
                 other => panic!("{h}: {other:?}"),
             }
         }
-        let open = Guard::new(&egress(DenyMode::Enforce, &["127.0.0.0/8"]), false);
+        let open = Guard::new(egress(DenyMode::Enforce, &["127.0.0.0/8"]), false);
         let addrs = open.resolve("127.1", 8080).await.unwrap();
         assert_eq!(addrs, vec!["127.0.0.1:8080".parse().unwrap()]);
     }
 
     #[tokio::test]
     async fn localhost_resolves_and_is_denied() {
-        let strict = Guard::new(&egress(DenyMode::Enforce, &[]), false);
+        let strict = Guard::new(egress(DenyMode::Enforce, &[]), false);
         match strict.resolve("localhost", 80).await {
             Err(EgressError::Denied(d)) => assert_eq!(d.class, Class::Loopback),
             // A machine without a resolver entry for localhost cannot reach it either.

@@ -58,7 +58,7 @@ struct Table {
     routes: RouteTable<Handler>,
     unmatched: Option<BoxHttp>,
     limits: crate::config::Limits,
-    egress: crate::config::Egress,
+    egress: Arc<crate::config::Egress>,
     deferrer: Option<Arc<defer::Deferrer>>,
 }
 
@@ -91,15 +91,16 @@ impl Table {
             })
             .collect();
         // The client chose this destination: its own pool, every address checked.
+        let egress = Arc::new(config.egress.clone());
         let unmatched = (config.unmatched == Unmatched::Passthrough).then(|| {
-            let guarded = client.guarded(egress::Guard::new(&config.egress, false));
+            let guarded = client.guarded(egress::Guard::new(egress.clone(), false));
             passthrough::mk_unmatched(Duration::from_secs(30), guarded)
         });
         Table {
             routes: RouteTable::new(routes),
             unmatched,
             limits: config.limits.clone(),
-            egress: config.egress.clone(),
+            egress,
             deferrer,
         }
     }
@@ -225,7 +226,7 @@ impl Proxy {
                 .ok_or_else(|| ProxyError::NoRoute(format!("CONNECT {}", target.authority())))?;
             route_name.clone_from(&route.name);
             // The route names the host, but its address comes from DNS: checked too.
-            let guard = egress::Guard::new(&table.egress, route.allow_private);
+            let guard = egress::Guard::new(table.egress.clone(), route.allow_private);
             return tunnel::connect(req, &target, &self.tunnels, &table.limits, &guard).await;
         }
 

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Request, Version};
+use http::{header, HeaderValue, Method, Request, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -81,7 +81,8 @@ pub async fn serve(
             if verdicts.ambiguous(n) && req.version() < Version::HTTP_2 {
                 req.extensions_mut().insert(AmbiguousFrame);
             }
-            let last = n >= max_requests;
+            // A tunnel takes the connection over anyway; its 200 must stay an upgrade.
+            let last = n >= max_requests && req.method() != Method::CONNECT;
             let proxy = proxy.clone();
             async move {
                 let mut rsp = proxy.serve(req).await;
