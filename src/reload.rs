@@ -3,8 +3,10 @@
 //!
 //! - **Applies at once**, for requests and deliveries that start afterwards: routes (added,
 //!   removed, changed, reordered), upstreams, per-attempt timeouts, retry policies, rate
-//!   limits, quotas, breakers, idempotency and queue settings, `unmatched`, `shutdown_grace`,
-//!   `limits.max_body_bytes`, `limits.body_read_timeout` and `limits.tunnel_idle_timeout`.
+//!   limits, quotas, breakers, idempotency and queue settings, `unmatched`, `egress`,
+//!   `shutdown_grace`, `limits.max_body_bytes`, `limits.body_read_timeout`,
+//!   `limits.tunnel_idle_timeout` and `limits.max_requests_per_connection` (for
+//!   connections opened afterwards).
 //!   A request in progress finishes on the table it started with; a delivery attempt already
 //!   sent finishes under the policy it was leased with.
 //! - **State**: a route whose config did not change keeps its breaker, rate limiter, retry
@@ -694,6 +696,11 @@ fn diff(old: &Config, new: &Config) -> ReloadSummary {
         };
     }
     setting!("unmatched", unmatched);
+    setting!("egress", egress);
+    setting!(
+        "limits.max_requests_per_connection",
+        limits.max_requests_per_connection
+    );
     setting!("shutdown_grace", shutdown_grace);
     setting!("limits.max_body_bytes", limits.max_body_bytes);
     setting!("limits.body_read_timeout", limits.body_read_timeout);
@@ -724,6 +731,7 @@ fn route_keys(a: &RouteConfig, b: &RouteConfig) -> Vec<&'static str> {
     key!("queue", queue);
     key!("ordering", ordering);
     key!("connect_ports", connect_ports);
+    key!("allow_private", allow_private);
     // A key added to RouteConfig but not above still counts as a change.
     if keys.is_empty() && !same(a, b) {
         keys.push("other");

@@ -3,6 +3,8 @@
 //! `rescue`. The data flow is drawn in `lib.rs`.
 
 pub mod defer;
+pub mod egress;
+pub mod framing;
 pub mod headers;
 pub mod passthrough;
 pub mod rescue;
@@ -59,6 +61,7 @@ struct Table {
     routes: RouteTable<Handler>,
     unmatched: Option<BoxHttp>,
     limits: crate::config::Limits,
+    egress: Arc<crate::config::Egress>,
     deferrer: Option<Arc<defer::Deferrer>>,
 }
 
@@ -90,12 +93,17 @@ impl Table {
                 (r.clone(), h)
             })
             .collect();
-        let unmatched = (config.unmatched == Unmatched::Passthrough)
-            .then(|| passthrough::mk_unmatched(Duration::from_secs(30), client.clone()));
+        // The client chose this destination: its own pool, every address checked.
+        let egress = Arc::new(config.egress.clone());
+        let unmatched = (config.unmatched == Unmatched::Passthrough).then(|| {
+            let guarded = client.guarded(egress::Guard::new(egress.clone(), false));
+            passthrough::mk_unmatched(Duration::from_secs(30), guarded)
+        });
         Table {
             routes: RouteTable::new(routes),
             unmatched,
             limits: config.limits.clone(),
+            egress,
             deferrer,
         }
     }
@@ -235,6 +243,15 @@ impl Proxy {
         mode: &mut Mode,
     ) -> Result<Response<Body>, ProxyError> {
         let table = self.table.load_full();
+        // Before anything else reads the request: an ambiguous frame is never routed.
+        if req.extensions().get::<framing::AmbiguousFrame>().is_some() {
+            return Err(ProxyError::BadRequest(
+                "a request may not carry both Transfer-Encoding and Content-Length".into(),
+            ));
+        }
+        if let Some(why) = headers::framing_error(req.version(), req.headers()) {
+            return Err(ProxyError::BadRequest(why.to_owned()));
+        }
         let target = target::normalise(&req).map_err(|e| match e {
             TargetError::HostMismatch { .. } => ProxyError::HostMismatch(e.to_string()),
             TargetError::Invalid(m) => ProxyError::BadRequest(m.to_owned()),
@@ -255,7 +272,9 @@ impl Proxy {
                 .ok_or_else(|| ProxyError::NoRoute(format!("CONNECT {}", target.authority())))?;
             route_name.clone_from(&route.name);
             *mode = Mode::Connect;
-            return tunnel::connect(req, &target, &self.tunnels, &table.limits).await;
+            // The route names the host, but its address comes from DNS: checked too.
+            let guard = egress::Guard::new(table.egress.clone(), route.allow_private);
+            return tunnel::connect(req, &target, &self.tunnels, &table.limits, &guard).await;
         }
 
         let found = table.routes.find(&target, req.method());
@@ -310,6 +329,12 @@ impl Proxy {
         Ok(rsp)
     }
 
+    /// `limits.max_requests_per_connection` of the current config, read when a
+    /// connection opens.
+    pub fn max_requests_per_connection(&self) -> u64 {
+        self.table.load().limits.max_requests_per_connection
+    }
+
     /// Routes a list of names and modes, for logs at startup.
     pub fn route_names(&self) -> Vec<String> {
         let table = self.table.load();
@@ -356,6 +381,8 @@ fn rewrite(
     target: &Target,
 ) -> Result<(), ProxyError> {
     headers::strip_hop_by_hop(req.headers_mut());
+    let len = req.body().len();
+    headers::reframe(req.headers_mut(), len);
     let (uri, host) = match route {
         Some(r) => {
             let up = &r.upstream;

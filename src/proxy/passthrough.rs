@@ -92,12 +92,16 @@ impl Service<Request<Bytes>> for Upstream {
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let client = self.client.clone();
         Box::pin(async move {
-            client.send(req).await.map_err(|e| match e.class {
-                crate::config::FailureClass::ConnectFailure => {
-                    ProxyError::UpstreamConnect(e.message)
-                }
-                _ => ProxyError::UpstreamReset(e.message),
-            })
+            client
+                .send(req)
+                .await
+                .map_err(|e| match (e.denied, e.class) {
+                    (Some(denied), _) => ProxyError::DestinationDenied(denied.to_string()),
+                    (None, crate::config::FailureClass::ConnectFailure) => {
+                        ProxyError::UpstreamConnect(e.message)
+                    }
+                    (None, _) => ProxyError::UpstreamReset(e.message),
+                })
         })
     }
 }
