@@ -136,6 +136,7 @@ impl App {
             format!("http://{admin_addr}"),
             stop.clone(),
             tasks.clone(),
+            Arc::new(crate::metrics::Metrics::new()),
         );
         let proxy = runtime.proxy().clone();
         let proxy_task = tokio::spawn(server::serve(

@@ -8,12 +8,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{ConfigBuilderExt, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::FailureClass;
+use crate::proxy::egress::{find_denied, Denied, Guard, GuardedConnector, GuardedResolver};
 use crate::proxy::Body;
 
 /// Why an attempt produced no response.
@@ -22,41 +23,88 @@ use crate::proxy::Body;
 pub struct SendError {
     pub class: FailureClass,
     pub message: String,
+    /// The egress guard refused the destination (guarded clients only); nothing was sent.
+    pub denied: Option<Denied>,
 }
 
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    inner: Inner,
+    /// Kept so a guarded client can be made without building TLS again.
+    tls: rustls::ClientConfig,
+}
+
+#[derive(Clone)]
+enum Inner {
+    /// For routes' own upstreams, used as the operator wrote them.
+    Open(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+    /// For destinations a client chose: every address is checked before connecting.
+    Guarded(Client<HttpsConnector<GuardedConnector>, Full<Bytes>>),
+}
+
+fn tcp<R: Clone>(mut http: HttpConnector<R>) -> HttpConnector<R> {
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http
+}
+
+fn pooled<C>(tls: rustls::ClientConfig, connector: C) -> Client<HttpsConnector<C>, Full<Bytes>>
+where
+    C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+    HttpsConnector<C>: hyper_util::client::legacy::connect::Connect,
+{
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(connector);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .timer(TokioTimer::new())
+        .build(https)
 }
 
 impl HttpClient {
     /// Builds the pooled client. TLS uses the ring provider explicitly, so the
     /// process never depends on rustls guessing a default provider.
     pub fn new() -> Result<Self, rustls::Error> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(provider)?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
-            .timer(TokioTimer::new())
-            .build(https);
-        Ok(HttpClient { inner })
+        // ALPN stays empty here: the connector builder sets it (and insists on that).
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_webpki_roots()
+            .with_no_client_auth();
+        let inner = Inner::Open(pooled(tls.clone(), tcp(HttpConnector::new())));
+        Ok(HttpClient { inner, tls })
+    }
+
+    /// A client with its own pool whose every connection goes through `guard`: names
+    /// are resolved and checked, and the connection uses only the checked addresses.
+    /// Its own pool also means a connection opened for a route's upstream is never
+    /// reused for a destination a client chose.
+    pub fn guarded(&self, guard: Guard) -> HttpClient {
+        let http = tcp(HttpConnector::new_with_resolver(GuardedResolver(
+            guard.clone(),
+        )));
+        let inner = Inner::Guarded(pooled(self.tls.clone(), GuardedConnector::new(http, guard)));
+        HttpClient {
+            inner,
+            tls: self.tls.clone(),
+        }
     }
 
     /// Sends one request whose URI is absolute; the response body streams.
     pub async fn send(&self, req: Request<Bytes>) -> Result<Response<Body>, SendError> {
         let req = req.map(Full::new);
-        match self.inner.request(req).await {
+        let result = match &self.inner {
+            Inner::Open(c) => c.request(req).await,
+            Inner::Guarded(c) => c.request(req).await,
+        };
+        match result {
             Ok(rsp) => Ok(rsp.map(|b| b.map_err(Into::into).boxed_unsync())),
             Err(e) => Err(classify(&e)),
         }
@@ -77,5 +125,10 @@ fn classify(e: &hyper_util::client::legacy::Error) -> SendError {
     } else {
         FailureClass::Reset
     };
-    SendError { class, message }
+    let denied = find_denied(e).cloned();
+    SendError {
+        class,
+        message,
+        denied,
+    }
 }

@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod dispatch;
+pub mod metrics;
 pub mod proxy;
 pub mod queue;
 pub mod reload;

@@ -112,7 +112,7 @@ fn run(path: &std::path::Path, watch_file: bool) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    spillway::telemetry::init();
+    let telemetry = spillway::telemetry::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -123,7 +123,7 @@ fn run(path: &std::path::Path, watch_file: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let app = match spillway::app::App::build(config).await {
             Ok(app) => app,
             Err(e) => {
@@ -139,7 +139,11 @@ fn run(path: &std::path::Path, watch_file: bool) -> ExitCode {
         tracing::info!("shutdown signal received; draining");
         app.shutdown().await;
         ExitCode::SUCCESS
-    })
+    });
+    // Outside the runtime: the exporter's flush is a blocking call.
+    drop(runtime);
+    telemetry.shutdown();
+    code
 }
 
 async fn wait_for_signal() {

@@ -3,8 +3,10 @@
 //!
 //! - **Applies at once**, for requests and deliveries that start afterwards: routes (added,
 //!   removed, changed, reordered), upstreams, per-attempt timeouts, retry policies, rate
-//!   limits, quotas, breakers, idempotency and queue settings, `unmatched`, `shutdown_grace`,
-//!   `limits.max_body_bytes`, `limits.body_read_timeout` and `limits.tunnel_idle_timeout`.
+//!   limits, quotas, breakers, idempotency and queue settings, `unmatched`, `egress`,
+//!   `shutdown_grace`, `limits.max_body_bytes`, `limits.body_read_timeout`,
+//!   `limits.tunnel_idle_timeout` and `limits.max_requests_per_connection` (for
+//!   connections opened afterwards).
 //!   A request in progress finishes on the table it started with; a delivery attempt already
 //!   sent finishes under the policy it was leased with.
 //! - **State**: a route whose config did not change keeps its breaker, rate limiter, retry
@@ -45,6 +47,7 @@ use tokio_util::task::TaskTracker;
 use crate::client::HttpClient;
 use crate::config::{Config, ConfigError, ConfigErrors, RouteConfig};
 use crate::dispatch::Dispatcher;
+use crate::metrics::Metrics;
 use crate::proxy::defer::Deferrer;
 use crate::proxy::Proxy;
 use crate::queue::{JobStore, StoreError};
@@ -137,6 +140,7 @@ pub struct Runtime {
     admin_base: String,
     stop: CancellationToken,
     tasks: TaskTracker,
+    metrics: Arc<Metrics>,
     /// Also serialises reloads: one applies at a time.
     dispatchers: tokio::sync::Mutex<HashMap<String, Running>>,
     hooks: Mutex<Vec<Hook>>,
@@ -154,6 +158,7 @@ impl Runtime {
         admin_base: String,
         stop: CancellationToken,
         tasks: TaskTracker,
+        metrics: Arc<Metrics>,
     ) -> Arc<Runtime> {
         let mut running = HashMap::new();
         if let Some(store) = &store {
@@ -165,13 +170,15 @@ impl Runtime {
                     Arc::new(Notify::new()),
                     &stop,
                     &tasks,
+                    &metrics,
                 );
                 running.insert(route.name.clone(), r);
             }
         }
         let deferrer = deferrer(&store, &admin_base, &running);
-        let proxy = Arc::new(Proxy::new(&config, client.clone(), deferrer));
-        Arc::new(Runtime {
+        let proxy =
+            Arc::new(Proxy::new(&config, client.clone(), deferrer).with_metrics(metrics.clone()));
+        let runtime = Arc::new(Runtime {
             config: ArcSwap::from_pointee(config),
             proxy,
             store,
@@ -179,10 +186,19 @@ impl Runtime {
             admin_base,
             stop,
             tasks,
+            metrics,
             dispatchers: tokio::sync::Mutex::new(running),
             hooks: Mutex::new(Vec::new()),
             last_text: Mutex::new(None),
-        })
+        });
+        let metrics = runtime.metrics.clone();
+        runtime.on_reload(move |outcome| metrics.config_reloaded(outcome.ok()));
+        runtime
+    }
+
+    /// The registry the proxy, the dispatchers and reloads report into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The config in force: the file's last valid version, with the keys that need a
@@ -349,7 +365,15 @@ impl Runtime {
             let wake = wakes
                 .remove(name)
                 .unwrap_or_else(|| Arc::new(Notify::new()));
-            let r = spawn_dispatcher(store, route, &self.client, wake, &self.stop, &self.tasks);
+            let r = spawn_dispatcher(
+                store,
+                route,
+                &self.client,
+                wake,
+                &self.stop,
+                &self.tasks,
+                &self.metrics,
+            );
             running.insert(name.to_owned(), r);
         }
     }
@@ -499,6 +523,7 @@ fn spawn_dispatcher(
     wake: Arc<Notify>,
     stop: &CancellationToken,
     tasks: &TaskTracker,
+    metrics: &Arc<Metrics>,
 ) -> Running {
     // A child token: a reload stops one dispatcher, shutdown stops them all.
     let token = stop.child_token();
@@ -509,7 +534,8 @@ fn spawn_dispatcher(
         wake.clone(),
         token.clone(),
         tasks.clone(),
-    );
+    )
+    .with_metrics(metrics.clone());
     Running {
         route: route.clone(),
         wake,
@@ -670,6 +696,11 @@ fn diff(old: &Config, new: &Config) -> ReloadSummary {
         };
     }
     setting!("unmatched", unmatched);
+    setting!("egress", egress);
+    setting!(
+        "limits.max_requests_per_connection",
+        limits.max_requests_per_connection
+    );
     setting!("shutdown_grace", shutdown_grace);
     setting!("limits.max_body_bytes", limits.max_body_bytes);
     setting!("limits.body_read_timeout", limits.body_read_timeout);
@@ -700,6 +731,7 @@ fn route_keys(a: &RouteConfig, b: &RouteConfig) -> Vec<&'static str> {
     key!("queue", queue);
     key!("ordering", ordering);
     key!("connect_ports", connect_ports);
+    key!("allow_private", allow_private);
     // A key added to RouteConfig but not above still counts as a change.
     if keys.is_empty() && !same(a, b) {
         keys.push("other");

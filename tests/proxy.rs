@@ -21,14 +21,15 @@ fn route(name: &str, host: &str, upstream: std::net::SocketAddr, extra: &str) ->
     )
 }
 
-/// A route naming 127.0.0.1 whose CONNECT ports include the upstream's.
+/// A route naming 127.0.0.1 whose CONNECT ports include the upstream's; loopback is a
+/// private destination, so the route widens the egress deny list.
 fn tunnel_route(upstream: std::net::SocketAddr) -> String {
     let port = upstream.port();
     route(
         "local",
         "127.0.0.1",
         upstream,
-        &format!("    connect_ports: [{port}]\n"),
+        &format!("    connect_ports: [{port}]\n    allow_private: true\n"),
     )
 }
 

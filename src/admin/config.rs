@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::{AdminError, AdminState};
-use crate::config::{Config, Jitter, RouteConfig, StorageBackend, Unmatched};
+use crate::config::{Config, DenyMode, Jitter, RouteConfig, StorageBackend, Unmatched};
 
 pub async fn show(State(st): State<AdminState>) -> Result<Json<Value>, AdminError> {
     Ok(Json(render(&st.config(), st.auth.enabled())))
@@ -62,8 +62,13 @@ pub fn render(c: &Config, token_set: bool) -> Value {
             "body_read_timeout": dur(l.body_read_timeout),
             "max_tunnels": l.max_tunnels,
             "tunnel_idle_timeout": dur(l.tunnel_idle_timeout),
+            "max_requests_per_connection": l.max_requests_per_connection,
         },
         "unmatched": match c.unmatched { Unmatched::Reject => "reject", Unmatched::Passthrough => "passthrough" },
+        "egress": {
+            "deny_private": match c.egress.deny_private { DenyMode::Enforce => "enforce", DenyMode::Report => "report" },
+            "allow": c.egress.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        },
         "shutdown_grace": dur(c.shutdown_grace),
         "redact_headers": c.redact_headers.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
         "routes": c.routes.iter().map(|r| route(r)).collect::<Vec<_>>(),
@@ -128,6 +133,7 @@ fn route(r: &RouteConfig) -> Value {
         "queue": { "max_depth": r.queue.max_depth },
         "ordering": r.ordering.as_ref().map(|o| json!({ "key_header": o.key_header.as_str() })),
         "connect_ports": r.connect_ports,
+        "allow_private": r.allow_private,
     })
 }
 

@@ -72,8 +72,14 @@ impl AdminState {
 
 pub fn router(state: AdminState) -> Router {
     let auth = state.auth.clone();
+    let scrape = crate::metrics::Scrape {
+        metrics: state.runtime.metrics().clone(),
+        store: state.runtime.store().cloned(),
+        source: state.runtime.proxy().clone(),
+    };
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", crate::metrics::endpoint(scrape))
         .route("/readyz", get(readyz))
         .route("/config", get(config::show))
         .route("/jobs", get(jobs::list))

@@ -29,6 +29,8 @@ pub struct Config {
     pub storage: StorageConfig,
     pub limits: Limits,
     pub unmatched: Unmatched,
+    /// Where client-chosen destinations may go (`egress:`).
+    pub egress: Egress,
     pub shutdown_grace: Duration,
     /// Headers masked in every admin API answer, on top of `Authorization`,
     /// `Proxy-Authorization`, `Cookie` and `Set-Cookie` (`redact_headers`).
@@ -86,6 +88,10 @@ pub struct Limits {
     pub max_tunnels: usize,
     /// A tunnel with no bytes in either direction for this long is closed. Default 5m.
     pub tunnel_idle_timeout: Duration,
+    /// An HTTP/1.1 connection is closed after answering this many requests (the last
+    /// answer carries `Connection: close`), so one client cannot pin a connection
+    /// forever and load spreads after a deploy. Default 1000.
+    pub max_requests_per_connection: u64,
 }
 
 impl Default for Limits {
@@ -98,8 +104,29 @@ impl Default for Limits {
             body_read_timeout: Duration::from_secs(30),
             max_tunnels: 256,
             tunnel_idle_timeout: Duration::from_secs(300),
+            max_requests_per_connection: 1000,
         }
     }
+}
+
+/// `egress:`: the deny list for destinations that a client chooses (unmatched
+/// passthrough, `CONNECT`). A route's own `upstream` is never checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Egress {
+    /// `deny_private`: refuse, or only log, a destination in a denied range.
+    pub deny_private: DenyMode,
+    /// `allow`: ranges let through although the deny list names them (for example the
+    /// cluster's service range).
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DenyMode {
+    /// `403 destination_denied` (default).
+    #[default]
+    Enforce,
+    /// Log what would be denied and let it through, to help rollouts.
+    Report,
 }
 
 /// What happens to a request that matches no route.
@@ -132,6 +159,10 @@ pub struct RouteConfig {
     pub ordering: Option<Ordering>,
     /// Ports a `CONNECT` to this route's host may name. Default `[443]`.
     pub connect_ports: Vec<u16>,
+    /// `allow_private`: client-chosen destinations under this route (`CONNECT`) may
+    /// reach loopback, private and CGNAT addresses (sidecar use toward in-cluster
+    /// services). Default false.
+    pub allow_private: bool,
 }
 
 #[derive(Debug, Clone, Default)]

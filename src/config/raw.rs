@@ -19,6 +19,7 @@ pub(super) struct RawConfig {
     pub storage: Option<RawStorage>,
     pub limits: Option<RawLimits>,
     pub unmatched: Option<S<String>>,
+    pub egress: Option<RawEgress>,
     pub shutdown_grace: Option<S<Scalar>>,
     pub redact_headers: Option<Vec<S<String>>>,
     pub routes: Option<Vec<S<RawRoute>>>,
@@ -29,6 +30,13 @@ pub(super) struct RawConfig {
 pub(super) struct RawAdmin {
     pub listen: Option<S<String>>,
     pub token_env: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEgress {
+    pub deny_private: Option<S<String>>,
+    pub allow: Option<Vec<S<String>>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -53,6 +61,7 @@ pub(super) struct RawLimits {
     pub body_read_timeout: Option<S<Scalar>>,
     pub max_tunnels: Option<S<i64>>,
     pub tunnel_idle_timeout: Option<S<Scalar>>,
+    pub max_requests_per_connection: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -73,6 +82,7 @@ pub(super) struct RawRoute {
     pub queue: Option<S<RawQueue>>,
     pub ordering: Option<S<RawOrdering>>,
     pub connect_ports: Option<S<Vec<S<i64>>>>,
+    pub allow_private: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -19,10 +19,10 @@ use serde_saphyr::{Location, Spanned};
 use super::raw::{self, RawConfig, RawRoute};
 use super::units::{parse_duration, parse_size, Scalar};
 use super::{
-    AdminConfig, Backoff, BreakerConfig, Config, ConfigError, ConfigErrors, FailureClass,
-    HostMatch, Idempotency, Jitter, Limits, NatsConfig, Ordering, QueueConfig, Quota, RateLimit,
-    RetryOn, RetryPolicy, RouteConfig, RouteMatch, Scheme, StorageBackend, StorageConfig,
-    Unmatched, Upstream,
+    AdminConfig, Backoff, BreakerConfig, Config, ConfigError, ConfigErrors, DenyMode, Egress,
+    FailureClass, HostMatch, Idempotency, Jitter, Limits, NatsConfig, Ordering, QueueConfig, Quota,
+    RateLimit, RetryOn, RetryPolicy, RouteConfig, RouteMatch, Scheme, StorageBackend,
+    StorageConfig, Unmatched, Upstream,
 };
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:15080";
@@ -363,6 +363,7 @@ impl Cx<'_> {
                 }
             },
         };
+        let egress = self.egress(raw.egress.unwrap_or_default());
         let shutdown_grace = self.duration(
             &raw.shutdown_grace,
             "shutdown_grace",
@@ -383,9 +384,58 @@ impl Cx<'_> {
             storage,
             limits,
             unmatched,
+            egress,
             shutdown_grace,
             redact_headers,
             routes,
+        }
+    }
+
+    fn egress(&mut self, raw: raw::RawEgress) -> Egress {
+        let deny_private = match &raw.deny_private {
+            None => DenyMode::Enforce,
+            Some(v) => match v.value.trim() {
+                "enforce" => DenyMode::Enforce,
+                "report" => DenyMode::Report,
+                other => {
+                    self.err(
+                        v.referenced,
+                        "egress.deny_private",
+                        format!("expected \"enforce\" or \"report\", found {other:?}"),
+                    );
+                    DenyMode::Enforce
+                }
+            },
+        };
+        let allow = raw
+            .allow
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let text = v.value.trim();
+                // A bare address means just that address.
+                let parsed = text.parse::<ipnet::IpNet>().or_else(|_| {
+                    text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)
+                });
+                match parsed {
+                    Ok(net) => Some(net.trunc()),
+                    Err(_) => {
+                        self.err(
+                            v.referenced,
+                            format!("egress.allow[{i}]"),
+                            format!(
+                                "expected an address range such as \"10.96.0.0/12\" or an address, found {text:?}"
+                            ),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect();
+        Egress {
+            deny_private,
+            allow,
         }
     }
 
@@ -567,6 +617,18 @@ impl Cx<'_> {
                 "limits.tunnel_idle_timeout",
                 d.tunnel_idle_timeout,
             ),
+            max_requests_per_connection: match &raw.max_requests_per_connection {
+                Some(v) => self
+                    .int(
+                        v,
+                        "limits.max_requests_per_connection",
+                        1,
+                        i64::from(u32::MAX),
+                    )
+                    .and_then(|n| u64::try_from(n).ok())
+                    .unwrap_or(d.max_requests_per_connection),
+                None => d.max_requests_per_connection,
+            },
         }
     }
 
@@ -862,6 +924,7 @@ impl Cx<'_> {
             queue,
             ordering,
             connect_ports,
+            allow_private: r.allow_private.as_ref().is_some_and(|v| v.value),
         })
     }
 
@@ -1747,5 +1810,33 @@ mod tests {
             Unmatched::Passthrough
         );
         err_at("unmatched: allow\n", "unmatched");
+    }
+
+    #[test]
+    fn egress_keys() {
+        let d = ok("");
+        assert_eq!(d.egress.deny_private, DenyMode::Enforce);
+        assert!(d.egress.allow.is_empty());
+        assert_eq!(d.limits.max_requests_per_connection, 1000);
+        let c = ok("egress:\n  deny_private: report\n  allow: [10.96.0.0/12, 127.0.0.1, 'fd00::/8', 10.1.2.3/8]\n");
+        assert_eq!(c.egress.deny_private, DenyMode::Report);
+        let allow: Vec<String> = c.egress.allow.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            allow,
+            ["10.96.0.0/12", "127.0.0.1/32", "fd00::/8", "10.0.0.0/8"]
+        );
+        err_at("egress:\n  deny_private: off\n", "egress.deny_private");
+        err_at("egress:\n  allow: [10.0.0.0/33]\n", "egress.allow[0]");
+        err_at("egress:\n  allow: [internal]\n", "egress.allow[0]");
+        err_at("egress:\n  deny: [1.2.3.4]\n", "egress.deny");
+        let r = ok(&format!("{ROUTE}    allow_private: true\n"));
+        assert!(r.routes[0].allow_private);
+        assert!(!ok(ROUTE).routes[0].allow_private);
+        let l = ok("limits: { max_requests_per_connection: 1 }\n");
+        assert_eq!(l.limits.max_requests_per_connection, 1);
+        err_at(
+            "limits: { max_requests_per_connection: 0 }\n",
+            "limits.max_requests_per_connection",
+        );
     }
 }

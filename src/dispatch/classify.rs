@@ -7,6 +7,11 @@ use http::HeaderMap;
 use crate::backoff;
 use crate::config::{FailureClass, RetryPolicy};
 
+/// Prefix of the reason of a job dead because it ran out of attempts.
+pub const MAX_ATTEMPTS: &str = "max_attempts";
+/// Prefix of the reason of a job dead because it grew older than `max_age`.
+pub const MAX_AGE: &str = "max_age";
+
 /// What an attempt produced.
 pub enum Outcome<'a> {
     Response { status: u16, headers: &'a HeaderMap },
@@ -64,7 +69,7 @@ pub fn classify(
     }
     if attempts >= policy.max_attempts.get() {
         return Verdict::Dead {
-            reason: format!("max_attempts ({reason})"),
+            reason: format!("{MAX_ATTEMPTS} ({reason})"),
         };
     }
     let mut after = backoff::delay(&policy.backoff, attempts);
@@ -77,7 +82,7 @@ pub fn classify(
     if let Some(max_age) = policy.max_age {
         if age + after > max_age {
             return Verdict::Dead {
-                reason: format!("max_age ({reason})"),
+                reason: format!("{MAX_AGE} ({reason})"),
             };
         }
     }

@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::client::HttpClient;
 use crate::config::RouteConfig;
+use crate::metrics::{AttemptOutcome, Limit, Metrics, Mode, UpstreamOutcome};
 use crate::proxy::defer::now_ms;
 use crate::queue::{Job, JobStore, LastOutcome, BODY_PREFIX_MAX};
 use classify::{classify, Outcome, Verdict};
@@ -36,6 +37,7 @@ pub struct Dispatcher {
     limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
     slots: Arc<Semaphore>,
     tasks: TaskTracker,
+    metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
@@ -62,7 +64,15 @@ impl Dispatcher {
             limiter,
             slots,
             tasks,
+            // Counted but not exported until `with_metrics` shares the exported registry.
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Reports into `metrics` (the registry the admin listener exports).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub async fn run(self) {
@@ -130,8 +140,22 @@ impl Dispatcher {
                 client: self.client.clone(),
                 limiter: self.limiter.clone(),
                 wake: self.wake.clone(),
+                metrics: self.metrics.clone(),
             };
-            let span = tracing::info_span!("dispatch.attempt", route = %self.route.name, job_id = %job.id, attempt = job.attempts);
+            let span = tracing::info_span!(
+                "dispatch.attempt",
+                otel.kind = "client",
+                route = %self.route.name,
+                job_id = %job.id,
+                attempt = i64::from(job.attempts),
+                status = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            // Each attempt is a child of the request that created the job.
+            if let Some(tp) = &job.traceparent {
+                crate::telemetry::continue_from_traceparent(&span, tp);
+            }
             self.tasks.spawn(
                 async move {
                     attempt.run(job).await;
@@ -162,6 +186,8 @@ impl Dispatcher {
                 .await?
             {
                 tracing::info!(route = %self.route.name, quota = i, "quota spent; waiting for its window");
+                self.metrics
+                    .rate_limited(&self.route.name, Mode::Deferred, Limit::Quota);
                 return Ok(Some(Duration::from_millis(at.saturating_sub(now).max(1))));
             }
         }
@@ -177,13 +203,13 @@ struct Attempt {
     client: HttpClient,
     limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
     wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl Attempt {
     async fn run(self, job: Job) {
         let route = &self.route;
         let policy = &route.retry;
-        let id = job.id;
         let now = now_ms();
         let age = Duration::from_millis(now.saturating_sub(job.created_at_ms));
         // The attempt was counted when leased: more than allowed means earlier attempts
@@ -194,30 +220,37 @@ impl Attempt {
             }
         } else if policy.max_age.is_some_and(|m| age > m) {
             Verdict::Dead {
-                reason: "max_age".into(),
+                reason: classify::MAX_AGE.into(),
             }
         } else {
             return self.send(job).await;
         };
-        self.record(id, job.attempts, verdict, None).await;
+        self.record(&job, verdict, None, None).await;
     }
 
     async fn send(self, job: Job) {
         if let Some(l) = &self.limiter {
-            l.until_ready().await;
+            // `check` takes a cell when one is free; only a refused check waits.
+            if l.check().is_err() {
+                self.metrics
+                    .rate_limited(&self.route.name, Mode::Deferred, Limit::RateLimit);
+                l.until_ready().await;
+            }
         }
         let id = job.id;
         let attempts = job.attempts;
         let age = Duration::from_millis(now_ms().saturating_sub(job.created_at_ms));
-        let req = match self.build(&job) {
+        let mut req = match self.build(&job) {
             Ok(r) => r,
             Err(e) => {
                 let v = Verdict::Dead {
                     reason: format!("unsendable: {e}"),
                 };
-                return self.record(id, attempts, v, None).await;
+                return self.record(&job, v, None, None).await;
             }
         };
+        // The upstream sees this attempt as its parent (replacing the stored traceparent).
+        crate::telemetry::inject(&tracing::Span::current(), req.headers_mut());
         let timeout = self.route.timeout;
         let started = tokio::time::Instant::now();
         let result = tokio::time::timeout(timeout, self.client.send(req)).await;
@@ -241,6 +274,14 @@ impl Attempt {
             Ok(Ok(rsp)) => {
                 let (parts, body) = rsp.into_parts();
                 let status = parts.status.as_u16();
+                let observed = UpstreamOutcome::Status(status);
+                self.metrics.upstream(
+                    &self.route.name,
+                    Mode::Deferred,
+                    observed,
+                    started.elapsed(),
+                );
+                tracing::Span::current().record("status", i64::from(status));
                 let verdict = classify(
                     &Outcome::Response {
                         status,
@@ -266,9 +307,19 @@ impl Attempt {
                     at_ms: now_ms(),
                 });
                 tracing::info!(route = %self.route.name, job_id = %id, attempt = attempts, status, elapsed_ms = started.elapsed().as_millis() as u64, "delivery attempt");
-                return self.record(id, attempts, verdict, last).await;
+                return self.record(&job, verdict, last, Some(observed)).await;
             }
         };
+        let observed = match outcome {
+            Outcome::Failed(class) => UpstreamOutcome::Failed(class),
+            Outcome::Response { status, .. } => UpstreamOutcome::Status(status),
+        };
+        self.metrics.upstream(
+            &self.route.name,
+            Mode::Deferred,
+            observed,
+            started.elapsed(),
+        );
         let verdict = classify(
             &outcome,
             &self.route.retry,
@@ -277,7 +328,7 @@ impl Attempt {
             SystemTime::now(),
         );
         tracing::info!(route = %self.route.name, job_id = %id, attempt = attempts, error = last.error.as_deref().unwrap_or(""), "delivery attempt failed");
-        self.record(id, attempts, verdict, Some(last)).await;
+        self.record(&job, verdict, Some(last), Some(observed)).await;
     }
 
     fn build(&self, job: &Job) -> Result<Request<Bytes>, http::Error> {
@@ -301,14 +352,17 @@ impl Attempt {
         b.body(job.body.clone())
     }
 
+    /// Stores the verdict; `observed` is what the upstream did, if the job was sent.
     async fn record(
         &self,
-        id: crate::queue::JobId,
-        attempts: u32,
+        job: &Job,
         verdict: Verdict,
         last: Option<LastOutcome>,
+        observed: Option<UpstreamOutcome>,
     ) {
+        let (id, attempts) = (job.id, job.attempts);
         let route = &self.route.name;
+        self.observe(job, &verdict, observed);
         let result = match verdict {
             Verdict::Delivered => {
                 tracing::info!(%route, job_id = %id, attempts, "delivered");
@@ -343,6 +397,32 @@ impl Attempt {
             tracing::error!(%route, job_id = %id, error = %e, "could not record a delivery outcome");
         }
         self.wake.notify_one();
+    }
+
+    /// Metrics and the attempt span's outcome, from the verdict and what was observed.
+    fn observe(&self, job: &Job, verdict: &Verdict, observed: Option<UpstreamOutcome>) {
+        let route = &self.route.name;
+        let span = tracing::Span::current();
+        let (outcome, reason) = match verdict {
+            Verdict::Delivered => {
+                let queued = Duration::from_millis(now_ms().saturating_sub(job.created_at_ms));
+                self.metrics.delivered(route, queued);
+                (AttemptOutcome::Delivered, "ok".to_owned())
+            }
+            Verdict::Retry { .. } => {
+                let reason = observed.map_or_else(|| "unknown".to_owned(), |o| o.reason());
+                (AttemptOutcome::Retry, reason)
+            }
+            Verdict::Dead { reason } => (
+                AttemptOutcome::Dead,
+                crate::metrics::dead_reason(observed, reason).to_owned(),
+            ),
+        };
+        self.metrics.delivery_attempt(route, outcome, &reason);
+        span.record("outcome", outcome.as_str());
+        if outcome != AttemptOutcome::Delivered {
+            span.record("otel.status_code", "ERROR");
+        }
     }
 }
 

@@ -9,10 +9,12 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use super::rescue::{error_response, full};
 use super::Body;
 use crate::config::RouteConfig;
+use crate::metrics::Metrics;
 use crate::queue::{Durable, EnqueueOutcome, JobId, JobStore, NewJob, StoreError};
 
 pub fn now_ms() -> u64 {
@@ -31,7 +33,39 @@ pub struct Deferrer {
 
 impl Deferrer {
     /// `req` is already rewritten to its upstream (absolute URI, hop-by-hop headers gone).
-    pub async fn accept(&self, route: &RouteConfig, req: Request<Bytes>) -> Response<Body> {
+    pub async fn accept(
+        &self,
+        route: &RouteConfig,
+        req: Request<Bytes>,
+        metrics: &Metrics,
+    ) -> Response<Body> {
+        let span = tracing::info_span!(
+            "proxy.accept",
+            otel.kind = "producer",
+            route = %route.name,
+            job_id = tracing::field::Empty,
+        );
+        let rsp = self
+            .store(route, req, metrics, &span)
+            .instrument(span.clone())
+            .await;
+        if let Some(code) = rsp
+            .headers()
+            .get("spillway-error")
+            .and_then(|v| v.to_str().ok())
+        {
+            metrics.rejected(&route.name, code);
+        }
+        rsp
+    }
+
+    async fn store(
+        &self,
+        route: &RouteConfig,
+        req: Request<Bytes>,
+        metrics: &Metrics,
+        span: &tracing::Span,
+    ) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let key_header = &route.idempotency.header;
         let idempotency_key = parts
@@ -47,12 +81,16 @@ impl Deferrer {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         });
-        let traceparent = parts
-            .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 512)
-            .map(str::to_owned);
+        // When spans are exported, deliveries become children of this accept span; else
+        // they carry the client's own traceparent.
+        let traceparent = crate::telemetry::traceparent(span).or_else(|| {
+            parts
+                .headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| v.len() <= 512)
+                .map(str::to_owned)
+        });
         let uri = parts.uri.to_string();
         let mut fp = Sha256::new();
         fp.update(parts.method.as_str());
@@ -86,9 +124,15 @@ impl Deferrer {
                 if let Some(w) = self.wake.get(&route.name) {
                     w.notify_one();
                 }
+                metrics.enqueued(&route.name, false);
+                span.record("job_id", tracing::field::display(id.get()));
                 self.accepted(&id, &idempotency_key, false)
             }
-            Ok(EnqueueOutcome::Duplicate(id)) => self.accepted(&id, &idempotency_key, true),
+            Ok(EnqueueOutcome::Duplicate(id)) => {
+                metrics.enqueued(&route.name, true);
+                span.record("job_id", tracing::field::display(id.get()));
+                self.accepted(&id, &idempotency_key, true)
+            }
             Ok(EnqueueOutcome::KeyConflict(original)) => error_response(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_mismatch",

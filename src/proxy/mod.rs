@@ -3,6 +3,8 @@
 //! `rescue`. The data flow is drawn in `lib.rs`.
 
 pub mod defer;
+pub mod egress;
+pub mod framing;
 pub mod headers;
 pub mod passthrough;
 pub mod rescue;
@@ -21,11 +23,13 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::client::HttpClient;
 use crate::config::{Config, RouteConfig, Unmatched};
+use crate::metrics::{Metrics, Mode};
 pub use passthrough::CircuitState;
-use passthrough::{Attempts, BoxHttp, Circuits};
+use passthrough::{Attempts, BoxHttp, Circuits, Observe};
 use rescue::ProxyError;
 use route::RouteTable;
 use target::{Target, TargetError};
@@ -49,6 +53,7 @@ pub struct Proxy {
     tunnels: Arc<tokio::sync::Semaphore>,
     /// Breakers of the current passthrough routes; kept across reloads with their routes.
     circuits: Circuits,
+    metrics: Arc<Metrics>,
 }
 
 /// What a reload replaces: a request loads it once, so it sees one config throughout.
@@ -56,6 +61,7 @@ struct Table {
     routes: RouteTable<Handler>,
     unmatched: Option<BoxHttp>,
     limits: crate::config::Limits,
+    egress: Arc<crate::config::Egress>,
     deferrer: Option<Arc<defer::Deferrer>>,
 }
 
@@ -87,12 +93,17 @@ impl Table {
                 (r.clone(), h)
             })
             .collect();
-        let unmatched = (config.unmatched == Unmatched::Passthrough)
-            .then(|| passthrough::mk_unmatched(Duration::from_secs(30), client.clone()));
+        // The client chose this destination: its own pool, every address checked.
+        let egress = Arc::new(config.egress.clone());
+        let unmatched = (config.unmatched == Unmatched::Passthrough).then(|| {
+            let guarded = client.guarded(egress::Guard::new(egress.clone(), false));
+            passthrough::mk_unmatched(Duration::from_secs(30), guarded)
+        });
         Table {
             routes: RouteTable::new(routes),
             unmatched,
             limits: config.limits.clone(),
+            egress,
             deferrer,
         }
     }
@@ -111,7 +122,15 @@ impl Proxy {
             client,
             tunnels: Arc::new(tokio::sync::Semaphore::new(config.limits.max_tunnels)),
             circuits,
+            // Counted but not exported until `with_metrics` shares the exported registry.
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Reports into `metrics` (the registry the admin listener exports).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Replaces routes, limits and the unmatched policy for every request that starts
@@ -158,11 +177,45 @@ impl Proxy {
         let attempts = Attempts::default();
         let mut route_name = "-".to_owned();
         let mut path = String::new();
+        let mut mode = Mode::None;
+        let span = tracing::info_span!(
+            "proxy.request",
+            otel.kind = "server",
+            method = %method,
+            route = tracing::field::Empty,
+            mode = tracing::field::Empty,
+            status = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        crate::telemetry::continue_from(&span, req.headers());
 
         let result = self
-            .handle(req, &attempts, &mut route_name, &mut path)
+            .handle(req, &attempts, &mut route_name, &mut path, &mut mode)
+            .instrument(span.clone())
             .await;
-        let mut rsp = result.unwrap_or_else(ProxyError::into_response);
+        let route_label = if mode == Mode::None {
+            crate::metrics::NO_ROUTE
+        } else {
+            route_name.as_str()
+        };
+        let mut rsp = match result {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                // Upstream failures are counted per attempt; the rest are refusals.
+                if e.failure_class().is_none() {
+                    self.metrics.rejected(route_label, e.code());
+                }
+                e.into_response()
+            }
+        };
+        self.metrics
+            .request(route_label, mode, rsp.status().as_u16(), start.elapsed());
+        span.record("route", route_label);
+        span.record("mode", mode.as_str());
+        span.record("status", i64::from(rsp.status().as_u16()));
+        if rsp.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             rsp.headers_mut().insert("x-request-id", v);
         }
@@ -187,8 +240,18 @@ impl Proxy {
         attempts: &Attempts,
         route_name: &mut String,
         log_path: &mut String,
+        mode: &mut Mode,
     ) -> Result<Response<Body>, ProxyError> {
         let table = self.table.load_full();
+        // Before anything else reads the request: an ambiguous frame is never routed.
+        if req.extensions().get::<framing::AmbiguousFrame>().is_some() {
+            return Err(ProxyError::BadRequest(
+                "a request may not carry both Transfer-Encoding and Content-Length".into(),
+            ));
+        }
+        if let Some(why) = headers::framing_error(req.version(), req.headers()) {
+            return Err(ProxyError::BadRequest(why.to_owned()));
+        }
         let target = target::normalise(&req).map_err(|e| match e {
             TargetError::HostMismatch { .. } => ProxyError::HostMismatch(e.to_string()),
             TargetError::Invalid(m) => ProxyError::BadRequest(m.to_owned()),
@@ -208,7 +271,10 @@ impl Proxy {
                 .find_connect(&target.host, port)
                 .ok_or_else(|| ProxyError::NoRoute(format!("CONNECT {}", target.authority())))?;
             route_name.clone_from(&route.name);
-            return tunnel::connect(req, &target, &self.tunnels, &table.limits).await;
+            *mode = Mode::Connect;
+            // The route names the host, but its address comes from DNS: checked too.
+            let guard = egress::Guard::new(table.egress.clone(), route.allow_private);
+            return tunnel::connect(req, &target, &self.tunnels, &table.limits, &guard).await;
         }
 
         let found = table.routes.find(&target, req.method());
@@ -229,8 +295,12 @@ impl Proxy {
         if let Some(r) = route {
             route_name.clone_from(&r.name);
         } else {
-            route_name.push_str("unmatched");
+            route_name.push_str(crate::metrics::UNMATCHED);
         }
+        *mode = match handler {
+            Handler::Passthrough(_) => Mode::Passthrough,
+            Handler::Deferred => Mode::Deferred,
+        };
 
         let mut upstream_req = buffer(req, &table.limits).await?;
         rewrite(&mut upstream_req, route.map(|r| &**r), &target)?;
@@ -238,7 +308,7 @@ impl Proxy {
         let svc = match (handler, route, &table.deferrer) {
             (Handler::Passthrough(svc), _, _) => svc,
             (Handler::Deferred, Some(route), Some(deferrer)) => {
-                return Ok(deferrer.accept(route, upstream_req).await);
+                return Ok(deferrer.accept(route, upstream_req, &self.metrics).await);
             }
             (Handler::Deferred, _, _) => {
                 return Err(ProxyError::NotImplemented(
@@ -247,12 +317,22 @@ impl Proxy {
             }
         };
         upstream_req.extensions_mut().insert(attempts.clone());
+        upstream_req.extensions_mut().insert(Observe {
+            metrics: self.metrics.clone(),
+            route: Arc::from(route_name.as_str()),
+        });
 
         let mut svc = svc;
         use tower::{Service, ServiceExt};
         let mut rsp = svc.ready().await?.call(upstream_req).await?;
         headers::strip_hop_by_hop(rsp.headers_mut());
         Ok(rsp)
+    }
+
+    /// `limits.max_requests_per_connection` of the current config, read when a
+    /// connection opens.
+    pub fn max_requests_per_connection(&self) -> u64 {
+        self.table.load().limits.max_requests_per_connection
     }
 
     /// Routes a list of names and modes, for logs at startup.
@@ -301,6 +381,8 @@ fn rewrite(
     target: &Target,
 ) -> Result<(), ProxyError> {
     headers::strip_hop_by_hop(req.headers_mut());
+    let len = req.body().len();
+    headers::reframe(req.headers_mut(), len);
     let (uri, host) = match route {
         Some(r) => {
             let up = &r.upstream;
@@ -344,4 +426,25 @@ fn request_id<B>(req: &mut Request<B>) -> String {
         req.headers_mut().insert("x-request-id", v);
     }
     id
+}
+
+impl crate::metrics::ScrapeSource for Proxy {
+    fn queue_routes(&self) -> Vec<String> {
+        let table = self.table.load();
+        table
+            .routes
+            .iter()
+            .filter(|(r, _)| r.deferrable)
+            .map(|(r, _)| r.name.clone())
+            .collect()
+    }
+
+    fn circuits(&self) -> Vec<(String, CircuitState)> {
+        let table = self.table.load();
+        table
+            .routes
+            .iter()
+            .filter_map(|(r, _)| Some((r.name.clone(), self.circuit_state(&r.name)?)))
+            .collect()
+    }
 }

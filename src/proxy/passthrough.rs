@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::{option_layer, BoxCloneSyncService};
 use tower::{Layer, Service, ServiceExt};
+use tracing::Instrument;
 
 use super::rescue::ProxyError;
 use super::stack::Stack;
@@ -25,6 +26,7 @@ use super::Body;
 use crate::backoff;
 use crate::client::HttpClient;
 use crate::config::{BreakerConfig, RateLimit as RateLimitConfig, RouteConfig};
+use crate::metrics::{Limit, Metrics, Mode, UpstreamOutcome};
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = Result<T, ProxyError>> + Send>>;
 
@@ -40,6 +42,14 @@ impl Attempts {
     pub fn get(&self) -> u32 {
         self.0.load(Ordering::Relaxed)
     }
+}
+
+/// Where a passthrough request's layers report: the metrics and the route's label. Travels
+/// in the request's extensions, like [`Attempts`].
+#[derive(Clone)]
+pub struct Observe {
+    pub metrics: Arc<Metrics>,
+    pub route: Arc<str>,
 }
 
 /// Builds a passthrough route's stack, innermost first. The route's breaker (if any)
@@ -82,12 +92,16 @@ impl Service<Request<Bytes>> for Upstream {
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let client = self.client.clone();
         Box::pin(async move {
-            client.send(req).await.map_err(|e| match e.class {
-                crate::config::FailureClass::ConnectFailure => {
-                    ProxyError::UpstreamConnect(e.message)
-                }
-                _ => ProxyError::UpstreamReset(e.message),
-            })
+            client
+                .send(req)
+                .await
+                .map_err(|e| match (e.denied, e.class) {
+                    (Some(denied), _) => ProxyError::DestinationDenied(denied.to_string()),
+                    (None, crate::config::FailureClass::ConnectFailure) => {
+                        ProxyError::UpstreamConnect(e.message)
+                    }
+                    (None, _) => ProxyError::UpstreamReset(e.message),
+                })
         })
     }
 }
@@ -127,18 +141,55 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        if let Some(a) = req.extensions().get::<Attempts>() {
-            a.0.fetch_add(1, Ordering::Relaxed);
-        }
+    fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
+        let attempt = req
+            .extensions()
+            .get::<Attempts>()
+            .map_or(1, |a| a.0.fetch_add(1, Ordering::Relaxed) + 1);
+        let observe = req.extensions().get::<Observe>().cloned();
+        let span = tracing::info_span!(
+            "proxy.attempt",
+            otel.kind = "client",
+            route = observe.as_ref().map_or("", |o| &*o.route),
+            attempt = i64::from(attempt),
+            status = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        // The upstream joins the trace as a child of this attempt.
+        crate::telemetry::inject(&span, req.headers_mut());
         let timeout = self.timeout;
         let fut = self.inner.call(req);
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, fut).await {
-                Ok(r) => r,
-                Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+        let started = Instant::now();
+        let record = span.clone();
+        Box::pin(
+            async move {
+                let result = match tokio::time::timeout(timeout, fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+                };
+                let outcome = match &result {
+                    Ok(rsp) => Some(UpstreamOutcome::Status(rsp.status().as_u16())),
+                    Err(e) => e.failure_class().map(UpstreamOutcome::Failed),
+                };
+                match &result {
+                    Ok(rsp) => {
+                        record.record("status", i64::from(rsp.status().as_u16()));
+                        if rsp.status().is_server_error() {
+                            record.record("otel.status_code", "ERROR");
+                        }
+                    }
+                    Err(_) => {
+                        record.record("otel.status_code", "ERROR");
+                    }
+                }
+                if let (Some(o), Some(outcome)) = (&observe, outcome) {
+                    o.metrics
+                        .upstream(&o.route, Mode::Passthrough, outcome, started.elapsed());
+                }
+                result
             }
-        })
+            .instrument(span),
+        )
     }
 }
 
@@ -225,8 +276,24 @@ where
                 };
                 // A connect failure sent nothing, so even a POST may go again.
                 let safe = replayable || matches!(&result, Err(ProxyError::UpstreamConnect(_)));
-                if !retryable || !safe || attempt >= max || !layer.budget.withdraw() {
+                if !retryable || !safe || attempt >= max {
                     return result;
+                }
+                let observe = req.extensions().get::<Observe>();
+                if !layer.budget.withdraw() {
+                    if let Some(o) = observe {
+                        o.metrics.retry_budget_exhausted(&o.route);
+                    }
+                    return result;
+                }
+                if let Some(o) = observe {
+                    let reason = match &result {
+                        Ok(rsp) => UpstreamOutcome::Status(rsp.status().as_u16()).reason(),
+                        Err(e) => e
+                            .failure_class()
+                            .map_or_else(|| e.code().to_owned(), |c| c.as_str().to_owned()),
+                    };
+                    o.metrics.retry(&o.route, Mode::Passthrough, &reason);
                 }
                 let mut delay = backoff::delay(&policy.backoff, attempt);
                 if policy.honor_retry_after {
@@ -255,6 +322,9 @@ fn clone_request(req: &Request<Bytes>) -> Request<Bytes> {
     *r.headers_mut() = req.headers().clone();
     if let Some(a) = req.extensions().get::<Attempts>() {
         r.extensions_mut().insert(a.clone());
+    }
+    if let Some(o) = req.extensions().get::<Observe>() {
+        r.extensions_mut().insert(o.clone());
     }
     r
 }
@@ -522,6 +592,10 @@ where
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         if let Err(not_until) = self.limiter.check() {
+            if let Some(o) = req.extensions().get::<Observe>() {
+                o.metrics
+                    .rate_limited(&o.route, Mode::Passthrough, Limit::RateLimit);
+            }
             let retry_after = not_until.wait_time_from(DefaultClock::default().now());
             return Box::pin(async move { Err(ProxyError::RateLimited { retry_after }) });
         }

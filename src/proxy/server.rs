@@ -1,9 +1,13 @@
 //! The accept loop: a connection cap, hyper's header-read timeout and head-size limit,
-//! and a graceful drain that lets in-flight requests finish.
+//! the framing scanner, requests per connection, and a graceful drain that lets
+//! in-flight requests finish.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use http::{header, HeaderValue, Method, Request, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -11,6 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::framing::{AmbiguousFrame, Sniffed};
 use super::Proxy;
 use crate::config::Limits;
 
@@ -65,9 +70,30 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let svc = service_fn(move |req| {
+        // The framing scanner sees each request head before hyper hands it to us.
+        let (stream, verdicts) = Sniffed::new(stream);
+        let max_requests = proxy.max_requests_per_connection();
+        let served = Arc::new(AtomicU64::new(0));
+        let svc = service_fn(move |mut req: Request<Incoming>| {
+            // HTTP/1 serves one request at a time, in arrival order: the count matches
+            // the scanner's. (HTTP/2 has no smuggling frame; its count is only a limit.)
+            let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+            if verdicts.ambiguous(n) && req.version() < Version::HTTP_2 {
+                req.extensions_mut().insert(AmbiguousFrame);
+            }
+            // A tunnel takes the connection over anyway; its 200 must stay an upgrade.
+            let last = n >= max_requests && req.method() != Method::CONNECT;
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.serve(req).await) }
+            async move {
+                let mut rsp = proxy.serve(req).await;
+                if last {
+                    // hyper closes an HTTP/1 connection after an answer that says so
+                    // (and drops the header on HTTP/2).
+                    rsp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(rsp)
+            }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();

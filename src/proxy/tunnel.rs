@@ -1,4 +1,5 @@
-//! `CONNECT` tunnels, only to hosts and ports that a route names; never deferred.
+//! `CONNECT` tunnels, only to hosts and ports that a route names; never deferred. The
+//! name's addresses pass the egress guard (the route's `allow_private` widens it).
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::egress::{EgressError, Guard};
 use super::rescue::{full, ProxyError};
 use super::target::Target;
 use super::Body;
@@ -23,16 +25,29 @@ pub async fn connect(
     target: &Target,
     tunnels: &Arc<tokio::sync::Semaphore>,
     limits: &Limits,
+    guard: &Guard,
 ) -> Result<Response<Body>, ProxyError> {
     let permit = tunnels
         .clone()
         .try_acquire_owned()
         .map_err(|_| ProxyError::Overloaded)?;
-    let addr = (target.host.clone(), target.port.unwrap_or(443));
-    let upstream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+    let port = target.port.unwrap_or(443);
+    let connect = async {
+        // Resolve and check once, then connect to exactly the checked addresses.
+        let addrs = guard
+            .resolve(&target.host, port)
+            .await
+            .map_err(|e| match e {
+                EgressError::Denied(d) => ProxyError::DestinationDenied(d.to_string()),
+                other => ProxyError::UpstreamConnect(other.to_string()),
+            })?;
+        TcpStream::connect(&addrs[..])
+            .await
+            .map_err(|e| ProxyError::UpstreamConnect(e.to_string()))
+    };
+    let upstream = tokio::time::timeout(Duration::from_secs(10), connect)
         .await
-        .map_err(|_| ProxyError::UpstreamConnect("connect timed out".into()))?
-        .map_err(|e| ProxyError::UpstreamConnect(e.to_string()))?;
+        .map_err(|_| ProxyError::UpstreamConnect("connect timed out".into()))??;
     let idle = limits.tunnel_idle_timeout;
     let authority = target.authority();
     tokio::spawn(async move {

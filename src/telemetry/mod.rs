@@ -1,22 +1,132 @@
+//! Logs and traces.
+//!
 //! Logging: human text by default, JSON with `SPILLWAY_LOG_FORMAT=json`; the filter comes
 //! from `SPILLWAY_LOG`, else `RUST_LOG`, else `info`.
+//!
+//! Traces: spans (`proxy.request`, `proxy.accept`, `proxy.attempt`, `dispatch.attempt`)
+//! always exist for the logs; they are exported over OTLP/HTTP (protobuf) only when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set and neither
+//! `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none` is. Without them no exporter
+//! exists and no trace context is written on outgoing requests. W3C trace context moves
+//! through [`continue_from`], [`continue_from_traceparent`], [`inject`] and [`traceparent`].
+//!
+//! Integer span fields are recorded as `i64`: tracing-opentelemetry exports other integer
+//! types as strings.
 
-use tracing_subscriber::EnvFilter;
+mod otlp;
 
-pub fn init() {
+use http::HeaderMap;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+pub use otlp::Telemetry;
+
+/// Sets up logging, and span export when the OTLP environment asks for it. Call it before
+/// the tokio runtime starts (the exporter's HTTP client must not be built inside it), and
+/// call [`Telemetry::shutdown`] after the runtime finished, to flush the last spans.
+pub fn init() -> Telemetry {
     let filter = std::env::var("SPILLWAY_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("SPILLWAY_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour only for a person at a terminal, never in files or collectors.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        let _ = builder.json().flatten_event(true).try_init();
+    let fmt = if json {
+        fmt.json().flatten_event(true).boxed()
     } else {
-        let _ = builder.try_init();
+        fmt.boxed()
+    };
+
+    let (telemetry, problem) = otlp::from_env();
+    // Only spillway's own spans are exported: never the HTTP client's or the exporter's.
+    let export = telemetry.tracer().map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(Targets::new().with_target("spillway", LevelFilter::INFO))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(export)
+        .try_init();
+    if let Some(problem) = problem {
+        tracing::warn!(%problem, "spans are not exported");
+    } else if telemetry.exporting() {
+        tracing::info!("exporting spans over OTLP/HTTP");
+    }
+    telemetry
+}
+
+/// Makes `span` a child of the W3C trace context in `headers`. Absent or malformed
+/// context leaves `span` a root.
+pub fn continue_from(span: &Span, headers: &HeaderMap) {
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if cx.span().span_context().is_valid() {
+        if let Err(e) = span.set_parent(cx) {
+            tracing::debug!(error = %e, "trace context not applied");
+        }
+    }
+}
+
+/// [`continue_from`] for a stored `traceparent` value.
+pub fn continue_from_traceparent(span: &Span, traceparent: &str) {
+    let Ok(value) = http::HeaderValue::from_str(traceparent) else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("traceparent", value);
+    continue_from(span, &headers);
+}
+
+/// Writes `span`'s context as `traceparent` (and `tracestate`) into `headers`, replacing
+/// what was there. Does nothing when spans are not exported.
+pub fn inject(span: &Span, headers: &mut HeaderMap) {
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    }
+}
+
+/// `span`'s context as a `traceparent` value, when spans are exported.
+pub fn traceparent(span: &Span) -> Option<String> {
+    let mut headers = HeaderMap::new();
+    inject(span, &mut headers);
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_an_exporter_nothing_is_injected() {
+        let span = tracing::info_span!("test");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            http::HeaderValue::from_static(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        );
+        continue_from(&span, &headers);
+        inject(&span, &mut headers);
+        assert_eq!(
+            headers["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert_eq!(traceparent(&span), None);
     }
 }
