@@ -399,6 +399,15 @@ async fn pod_config_starts_and_answers_the_probes() {
     jobs.headers_mut()
         .insert("authorization", "Bearer pod-secret".parse().unwrap());
     assert_eq!(send(admin, jobs).await.status, 200);
+    // What the PodMonitor does: /metrics with the Secret's token.
+    assert_eq!(send(admin, get("/metrics", "spillway")).await.status, 401);
+    let mut metrics = get("/metrics", "spillway");
+    metrics
+        .headers_mut()
+        .insert("authorization", "Bearer pod-secret".parse().unwrap());
+    let scraped = send(admin, metrics).await;
+    assert_eq!(scraped.status, 200);
+    assert!(String::from_utf8_lossy(&scraped.body).contains("spillway_build_info"));
 }
 
 // === metric names in deploy/ against a scrape of the binary ===
