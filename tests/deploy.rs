@@ -673,7 +673,28 @@ async fn alerts_and_dashboard_name_only_metrics_spillway_exports() {
         Some("application/openmetrics-text; version=1.0.0"),
     )
     .await;
-    let exp = Exposition::parse(&format!("{text}\n{om}"));
+    // A reload that drops the deferrable route while it holds jobs: its queue is orphaned.
+    let without_hooks = {
+        let full = config(up.addr) + &limited;
+        let start = full.find("  - name: hooks").unwrap();
+        let end = full.find("  - name: api").unwrap();
+        format!("{}{}", &full[..start], &full[end..])
+    };
+    std::fs::write(sw.dir.path().join("spillway.yaml"), without_hooks).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sw.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    eventually("the orphaned queue in the scrape", || async {
+        scrape(sw.admin)
+            .await
+            .1
+            .contains("spillway_queue_orphaned{")
+    })
+    .await;
+    let (_, orphaned) = scrape(sw.admin).await;
+    let exp = Exposition::parse(&format!("{text}\n{om}\n{orphaned}"));
 
     let mut known_labels: BTreeSet<String> = SCRAPE_LABELS.iter().map(|s| s.to_string()).collect();
     for set in exp.labels.values() {
