@@ -54,6 +54,7 @@ impl AdminError {
                 StoreError::NotFound => "job_not_found",
                 StoreError::Busy => "storage_busy",
                 StoreError::Full => "storage_full",
+                StoreError::Sealed(_) => "job_sealed",
                 StoreError::Unavailable(_)
                 | StoreError::Corrupt { .. }
                 | StoreError::NewerSchema { .. }
