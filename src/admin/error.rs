@@ -132,6 +132,7 @@ mod tests {
             ),
             (StoreError::Closed, 503, "storage_unavailable"),
             (StoreError::Busy, 503, "storage_busy"),
+            (StoreError::Sealed("job x: key".into()), 503, "job_sealed"),
             (StoreError::NotFound, 404, "job_not_found"),
         ];
         for (e, status, code) in cases {
