@@ -34,6 +34,8 @@ pub enum AppError {
     BackendUnavailable,
     #[error("cannot open the job store: {0}")]
     Store(#[from] crate::queue::StoreError),
+    #[error("storage.encryption: {0}")]
+    EncryptionKey(#[from] crate::queue::crypt::KeyError),
 }
 
 pub struct App {
@@ -100,9 +102,14 @@ impl App {
         } else {
             let path = config.storage.path.clone();
             let cache = usize::try_from(config.storage.cache_size).unwrap_or(usize::MAX);
-            let store = tokio::task::spawn_blocking(move || RedbStore::open(&path, cache))
-                .await
-                .map_err(|e| crate::queue::StoreError::Unavailable(e.to_string()))??;
+            let sealer = match &config.storage.encryption {
+                Some(e) => Some(Arc::new(crate::queue::crypt::Sealer::load(e)?)),
+                None => None,
+            };
+            let store =
+                tokio::task::spawn_blocking(move || RedbStore::open_sealed(&path, cache, sealer))
+                    .await
+                    .map_err(|e| crate::queue::StoreError::Unavailable(e.to_string()))??;
             Some(Arc::new(store))
         };
 

@@ -54,6 +54,7 @@ impl AdminError {
                 StoreError::NotFound => "job_not_found",
                 StoreError::Busy => "storage_busy",
                 StoreError::Full => "storage_full",
+                StoreError::Sealed(_) => "job_sealed",
                 StoreError::Unavailable(_)
                 | StoreError::Corrupt { .. }
                 | StoreError::NewerSchema { .. }
@@ -131,6 +132,7 @@ mod tests {
             ),
             (StoreError::Closed, 503, "storage_unavailable"),
             (StoreError::Busy, 503, "storage_busy"),
+            (StoreError::Sealed("job x: key".into()), 503, "job_sealed"),
             (StoreError::NotFound, 404, "job_not_found"),
         ];
         for (e, status, code) in cases {

@@ -61,6 +61,34 @@ pub struct StorageConfig {
     pub cache_size: u64,
     /// JetStream settings (backend `nats`).
     pub nats: Option<NatsConfig>,
+    /// Encryption at rest of stored headers and bodies (`storage.encryption`); off when absent.
+    pub encryption: Option<EncryptionConfig>,
+}
+
+/// `storage.encryption`: the keys records may be sealed with, and the one new records use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncryptionConfig {
+    /// Every key that may open a stored record, in file order; ids are unique.
+    pub keys: Vec<KeySource>,
+    /// The id of the key new records are sealed with; one of `keys`.
+    pub primary: String,
+}
+
+/// One entry of `storage.encryption.keys`: where the key is read from at start. The key
+/// itself is never part of the configuration, so it never shows in the admin API or logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySource {
+    /// Stored with every record sealed by this key (letters, digits, `.`, `_`, `-`).
+    pub id: String,
+    pub from: KeyFrom,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyFrom {
+    /// A file holding the key (`file:`), e.g. a mounted secret.
+    File(PathBuf),
+    /// An environment variable holding the key (`env:`).
+    Env(String),
 }
 
 #[derive(Debug, Clone)]

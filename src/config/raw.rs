@@ -49,6 +49,22 @@ pub(super) struct RawStorage {
     pub stream: Option<S<String>>,
     pub replicas: Option<S<i64>>,
     pub credentials_file: Option<S<String>>,
+    pub encryption: Option<S<RawEncryption>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEncryption {
+    pub keys: Option<Vec<S<RawKey>>>,
+    pub primary: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKey {
+    pub id: Option<S<String>>,
+    pub file: Option<S<String>>,
+    pub env: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

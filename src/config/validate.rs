@@ -24,12 +24,23 @@ use super::{
     RateLimit, RetryOn, RetryPolicy, RouteConfig, RouteMatch, Scheme, StorageBackend,
     StorageConfig, Unmatched, Upstream,
 };
+use super::{EncryptionConfig, KeyFrom, KeySource};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:15080";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15081";
 const DEFAULT_STORAGE_PATH: &str = "./data/spillway.redb";
 const DEFAULT_CACHE_SIZE: u64 = 16 * 1024 * 1024;
 const DEFAULT_NATS_STREAM: &str = "SPILLWAY";
+/// Longest encryption key id; it is stored with every sealed record.
+const KEY_ID_MAX: usize = 64;
+
+fn valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= KEY_ID_MAX
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
 
 /// Reads and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -565,11 +576,164 @@ impl Cx<'_> {
                 None
             }
         };
+        let encryption_at = loc(&raw.encryption, Location::UNKNOWN);
+        let encryption = raw.encryption.map(|e| self.encryption(e));
+        if let (StorageBackend::Nats, Some(_)) = (backend, &encryption) {
+            self.err(
+                encryption_at,
+                "storage.encryption",
+                "only for storage backend redb (backend is nats)",
+            );
+        }
         StorageConfig {
             backend,
             path,
             cache_size,
             nats,
+            encryption: encryption.flatten(),
+        }
+    }
+
+    /// `storage.encryption`: key ids, where each key comes from, and the primary. The keys
+    /// themselves are read when the store opens (`queue::crypt`), not here: a config check
+    /// may run where the secrets are not mounted.
+    fn encryption(&mut self, raw: S<raw::RawEncryption>) -> Option<EncryptionConfig> {
+        let at = raw.referenced;
+        let raw = raw.value;
+        let mut keys: Vec<KeySource> = Vec::new();
+        let mut ok = true;
+        let raw_keys = raw.keys.unwrap_or_default();
+        if raw_keys.is_empty() {
+            self.err(
+                at,
+                "storage.encryption.keys",
+                "expected at least one key, e.g. [{ id: k1, file: /run/secrets/spillway-k1 }]",
+            );
+            ok = false;
+        }
+        for (i, k) in raw_keys.into_iter().enumerate() {
+            let key_at = k.referenced;
+            let k = k.value;
+            let path = format!("storage.encryption.keys[{i}]");
+            let id = match &k.id {
+                Some(v) if valid_key_id(v.value.trim()) => Some(v.value.trim().to_string()),
+                Some(v) => {
+                    self.err(
+                        v.referenced,
+                        format!("{path}.id"),
+                        format!(
+                            "expected a key id of 1 to {KEY_ID_MAX} letters, digits, '.', '_' or '-', found {:?}",
+                            v.value
+                        ),
+                    );
+                    None
+                }
+                None => {
+                    self.err(
+                        key_at,
+                        format!("{path}.id"),
+                        "every key needs an id (stored with each record it seals)",
+                    );
+                    None
+                }
+            };
+            if let (Some(id), Some(v)) = (&id, &k.id) {
+                if keys.iter().any(|o| &o.id == id) {
+                    self.err(
+                        v.referenced,
+                        format!("{path}.id"),
+                        format!("key id {id:?} is listed twice"),
+                    );
+                    ok = false;
+                }
+            }
+            let from = match (&k.file, &k.env) {
+                (Some(f), None) if !f.value.trim().is_empty() => {
+                    Some(KeyFrom::File(PathBuf::from(f.value.trim())))
+                }
+                (None, Some(e))
+                    if !e.value.trim().is_empty()
+                        && !e.value.contains('=')
+                        && !e.value.contains('\0') =>
+                {
+                    Some(KeyFrom::Env(e.value.trim().to_string()))
+                }
+                (Some(f), None) => {
+                    self.err(
+                        f.referenced,
+                        format!("{path}.file"),
+                        "expected a file path, found an empty string",
+                    );
+                    None
+                }
+                (None, Some(e)) => {
+                    self.err(
+                        e.referenced,
+                        format!("{path}.env"),
+                        format!(
+                            "expected the name of an environment variable, found {:?}",
+                            e.value
+                        ),
+                    );
+                    None
+                }
+                (Some(f), Some(_)) => {
+                    self.err(
+                        f.referenced,
+                        path.clone(),
+                        "give either file or env for a key, not both",
+                    );
+                    None
+                }
+                (None, None) => {
+                    self.err(
+                        key_at,
+                        path.clone(),
+                        "expected file (a path holding the key) or env (a variable holding it)",
+                    );
+                    None
+                }
+            };
+            match (id, from) {
+                (Some(id), Some(from)) => keys.push(KeySource { id, from }),
+                _ => ok = false,
+            }
+        }
+        let primary = match &raw.primary {
+            Some(p) if keys.iter().any(|k| k.id == p.value.trim()) => {
+                Some(p.value.trim().to_string())
+            }
+            Some(p) => {
+                if ok {
+                    let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+                    self.err(
+                        p.referenced,
+                        "storage.encryption.primary",
+                        format!(
+                            "expected the id of one of the keys ({}), found {:?}",
+                            ids.join(", "),
+                            p.value
+                        ),
+                    );
+                }
+                None
+            }
+            // One key needs no choice.
+            None if keys.len() == 1 => keys.first().map(|k| k.id.clone()),
+            None => {
+                if ok {
+                    self.err(
+                        at,
+                        "storage.encryption.primary",
+                        "with more than one key, primary names the key new records are sealed with",
+                    );
+                }
+                None
+            }
+        };
+        match primary {
+            Some(primary) if ok => Some(EncryptionConfig { keys, primary }),
+            _ => None,
         }
     }
 
@@ -1789,8 +1953,83 @@ mod tests {
         err_at("storage:\n  backend: nats\n", "storage.url");
         err_at("storage:\n  backend: sqlite\n", "storage.backend");
         err_at("storage:\n  url: nats://x\n", "storage.url");
+        assert!(c.storage.encryption.is_none());
         let c = ok("storage:\n  path: /var/lib/s.redb\n  cache_size: 1GiB\n");
         assert_eq!(c.storage.cache_size, 1 << 30);
+    }
+
+    #[test]
+    fn storage_encryption_keys_and_primary() {
+        let c = ok("storage:\n  encryption:\n    keys:\n      - { id: k2, file: /run/secrets/k2 }\n      - { id: k1, env: SPILLWAY_KEY_K1 }\n    primary: k2\n");
+        let e = c.storage.encryption.unwrap();
+        assert_eq!(e.primary, "k2");
+        assert_eq!(
+            e.keys,
+            vec![
+                KeySource {
+                    id: "k2".into(),
+                    from: KeyFrom::File("/run/secrets/k2".into())
+                },
+                KeySource {
+                    id: "k1".into(),
+                    from: KeyFrom::Env("SPILLWAY_KEY_K1".into())
+                },
+            ]
+        );
+        // One key is its own primary.
+        let c = ok("storage:\n  encryption:\n    keys: [{ id: only, env: K }]\n");
+        assert_eq!(c.storage.encryption.unwrap().primary, "only");
+
+        let enc = |body: &str| format!("storage:\n  encryption:\n{body}");
+        let e = err_at(
+            &enc("    keys: [{ id: a, env: A }, { id: b, env: B }]\n"),
+            "storage.encryption.primary",
+        );
+        assert!(e.message.contains("more than one key"), "{e}");
+        let e = err_at(
+            &enc("    keys: [{ id: a, env: A }]\n    primary: z\n"),
+            "storage.encryption.primary",
+        );
+        assert!(e.message.contains("(a)"), "{e}");
+        err_at(&enc("    keys: []\n"), "storage.encryption.keys");
+        err_at(&enc("    primary: a\n"), "storage.encryption.keys");
+        let e = err_at(
+            &enc("    keys: [{ id: a, env: A }, { id: a, env: B }]\n"),
+            "storage.encryption.keys[1].id",
+        );
+        assert!(e.message.contains("twice"), "{e}");
+        err_at(
+            &enc("    keys: [{ id: 'a b', env: A }]\n"),
+            "storage.encryption.keys[0].id",
+        );
+        err_at(
+            &enc("    keys: [{ env: A }]\n"),
+            "storage.encryption.keys[0].id",
+        );
+        err_at(
+            &enc("    keys: [{ id: a }]\n"),
+            "storage.encryption.keys[0]",
+        );
+        err_at(
+            &enc("    keys: [{ id: a, env: A, file: /f }]\n"),
+            "storage.encryption.keys[0]",
+        );
+        err_at(
+            &enc("    keys: [{ id: a, env: 'A=1' }]\n"),
+            "storage.encryption.keys[0].env",
+        );
+        err_at(
+            &enc("    keys: [{ id: a, file: '' }]\n"),
+            "storage.encryption.keys[0].file",
+        );
+        err_at(
+            &enc("    keys: [{ id: a, key: '00' }]\n"),
+            "storage.encryption.keys",
+        );
+        err_at(
+            "storage:\n  backend: nats\n  url: nats://x\n  encryption:\n    keys: [{ id: a, env: A }]\n",
+            "storage.encryption",
+        );
     }
 
     #[test]

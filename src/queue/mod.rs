@@ -46,7 +46,7 @@
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | `meta` | name | u64 (`schema_version`) |
-//! | `jobs_v1` | job id (u128, UUIDv7 so time ordered) | version byte + postcard `JobRecordV1` |
+//! | `jobs_v1` | job id (u128, UUIDv7 so time ordered) | version byte + postcard `JobRecordV1`, or sealed `JobRecordV2` (see `redb/schema.rs`) |
 //! | `due_v1` | (route, next_attempt_at_ms, id) | () — queued and retrying jobs |
 //! | `pending_v1` | (route, created_at_ms, id) | () — queued, in_flight, retrying |
 //! | `order_v1` | (route, ordering_key, id) | () — undelivered jobs with an ordering key |
@@ -64,6 +64,7 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod crypt;
 pub mod redb;
 
 #[cfg(test)]
@@ -307,6 +308,10 @@ pub enum StoreError {
     },
     #[error("the job store file {path} is already open (is another spillway running?)")]
     AlreadyOpen { path: PathBuf },
+    /// A stored job is sealed (encryption at rest) with a key this process does not have;
+    /// the message names the job and the key id.
+    #[error("a stored job cannot be read: {0}")]
+    Sealed(String),
     #[error("no such job")]
     NotFound,
     #[error("the job store is closed")]

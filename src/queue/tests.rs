@@ -712,3 +712,162 @@ async fn full_channel_answers_busy_without_queueing() {
     assert!(busy > 0, "a full channel must answer Busy");
     assert_eq!(s.stats("r").await.unwrap().queued, ok);
 }
+
+// === encryption at rest ===
+
+mod sealed_conformance {
+    use super::*;
+
+    fn fresh() -> (tempfile::TempDir, RedbStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = super::sealer(&[("k1", 1)], "k1");
+        let store =
+            RedbStore::open_sealed(dir.path().join("q/queue.redb"), 4 << 20, Some(sealer)).unwrap();
+        (dir, store)
+    }
+
+    // The whole suite again with every job record sealed.
+    conformance!(fresh();
+        enqueue_lease_ack,
+        lease_order_and_limit,
+        reschedule_then_lease_again,
+        dead_retry_replay_delete,
+        dedupe_and_key_conflict,
+        max_depth_rejects_and_stores_nothing,
+        ordering_key_serialises_a_route,
+        pause_and_resume,
+        quota_fixed_windows,
+        list_newest_first_with_cursor,
+        stats_follow_every_transition,
+        routes_lists_routes_with_stored_jobs,
+    );
+}
+
+fn sealer(keys: &[(&str, u8)], primary: &str) -> Arc<crypt::Sealer> {
+    let keys = keys
+        .iter()
+        .map(|(id, b)| {
+            let key = crypt::parse_key(&hex::encode([*b; 32])).unwrap();
+            (id.to_string(), key)
+        })
+        .collect();
+    Arc::new(crypt::Sealer::from_keys(keys, primary).unwrap())
+}
+
+fn file_contains(path: &std::path::Path, needle: &[u8]) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_store_keeps_bodies_off_disk_and_rotates_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let mut a = job("r", "a", "MARKER-BODY-OF-A", 100);
+    a.headers
+        .push(("x-api-key".into(), b"MARKER-HEADER-OF-A".to_vec()));
+    let (a_id, b_id);
+    {
+        let s = RedbStore::open_sealed(&path, 1 << 20, Some(sealer(&[("k1", 1)], "k1"))).unwrap();
+        a_id = stored(&s, a.clone()).await;
+        assert_eq!(s.get(a_id).await.unwrap().unwrap().body, a.body);
+    }
+    assert!(!file_contains(&path, b"MARKER-BODY-OF-A"));
+    assert!(!file_contains(&path, b"MARKER-HEADER-OF-A"));
+    {
+        // Rotation: k2 is primary now; k1 stays listed for the records it sealed.
+        let s = RedbStore::open_sealed(&path, 1 << 20, Some(sealer(&[("k2", 2), ("k1", 1)], "k2")))
+            .unwrap();
+        b_id = stored(&s, job("r", "b", "MARKER-BODY-OF-B", 200)).await;
+        let got = s.get(a_id).await.unwrap().unwrap();
+        assert_eq!((got.body, got.headers), (a.body.clone(), a.headers.clone()));
+        // A state change rewrites the record under the primary key.
+        s.reschedule(a_id, 150, outcome(503, 120)).await.unwrap();
+    }
+    assert!(!file_contains(&path, b"MARKER-BODY-OF-B"));
+    // k1 retired: every job was rewritten under k2, so nothing is lost.
+    let s = RedbStore::open_sealed(&path, 1 << 20, Some(sealer(&[("k2", 2)], "k2"))).unwrap();
+    let leased = s.lease_due("r", 1_000, 10).await.unwrap();
+    let mut bodies: Vec<_> = leased.iter().map(|j| j.body.clone()).collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec![a.body.clone(), Bytes::from("MARKER-BODY-OF-B")]
+    );
+    assert!(leased.iter().any(|j| j.id == b_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_sealed_with_a_missing_key_fail_clearly_and_recover_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let (a, b, c);
+    {
+        let s = RedbStore::open_sealed(&path, 1 << 20, Some(sealer(&[("k1", 1)], "k1"))).unwrap();
+        a = stored(&s, job("r", "a", "body-a", 100)).await;
+        b = stored(&s, job("r", "b", "body-b", 100)).await;
+        c = stored(&s, job("r", "c", "body-c", 100)).await;
+        // One in flight at the "crash", one delivered (kept for the dedupe window).
+        assert_eq!(s.lease_due("r", 100, 2).await.unwrap().len(), 2);
+        s.ack(b, 110).await.unwrap();
+    }
+    // Opened without keys: the open succeeds (in_flight jobs are requeued from their clear
+    // fields), new jobs are stored unsealed and delivered, old ones fail naming their key.
+    let s = RedbStore::open(&path, 1 << 20).unwrap();
+    let d = stored(&s, job("r", "d", "body-d", 300)).await;
+    match s.get(a).await {
+        Err(StoreError::Sealed(m)) => {
+            assert!(
+                m.contains(&a.to_string()) && m.contains("\"k1\"") && m.contains("not configured"),
+                "{m}"
+            )
+        }
+        other => panic!("expected a sealed error, got {other:?}"),
+    }
+    // The key is held by the unreadable job: a repeat of it is still a duplicate.
+    assert!(matches!(
+        s.enqueue(job("r", "c", "body-c", 310), WINDOW, DEEP)
+            .await
+            .unwrap(),
+        EnqueueOutcome::Duplicate(_)
+    ));
+    // The requeued job is due at the reopen's wall-clock time.
+    let leased = s.lease_due("r", u64::MAX - 1, 10).await.unwrap();
+    assert_eq!(leased.iter().map(|j| j.id).collect::<Vec<_>>(), vec![d]);
+    assert_eq!(leased[0].body, Bytes::from("body-d"));
+    let listed = s
+        .list(Some("r"), Some(JobState::Dead), 10, None)
+        .await
+        .unwrap();
+    let mut dead: Vec<_> = listed.iter().map(|j| j.id).collect();
+    dead.sort();
+    let mut want = vec![a, c];
+    want.sort();
+    assert_eq!(
+        dead, want,
+        "the unreadable jobs are dead-lettered, not retried forever"
+    );
+    for j in &listed {
+        let why = j.dead_reason.as_deref().unwrap();
+        assert!(
+            why.contains("\"k1\"") && why.contains("storage.encryption"),
+            "{why}"
+        );
+    }
+    assert_eq!(s.stats("r").await.unwrap().dead, 2);
+    // The delivered one is purged without its key.
+    assert_eq!(s.purge_expired(u64::MAX - 1, 10).await.unwrap(), 1);
+    drop(s);
+
+    // With the key back, a retry delivers the full request.
+    let s = RedbStore::open_sealed(&path, 1 << 20, Some(sealer(&[("k1", 1)], "k1"))).unwrap();
+    assert!(s.retry(a, 2_000).await.unwrap());
+    let leased = s.lease_due("r", 2_000, 10).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].body, Bytes::from("body-a"));
+    // A job that cannot be read can still be deleted without its key.
+    drop(s);
+    let s = RedbStore::open(&path, 1 << 20).unwrap();
+    assert!(s.delete(c).await.unwrap());
+    assert!(s.get(c).await.unwrap().is_none());
+}

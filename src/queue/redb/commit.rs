@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::ops::{Tables, TxError};
+use crate::queue::crypt::Sealer;
 use crate::queue::StoreError;
 
 /// Most requests applied in one write transaction.
@@ -33,6 +34,8 @@ pub(super) struct Shared {
     pub cache_size: usize,
     /// Opens the database read-write; tests swap in a fault-injecting storage backend.
     pub opener: Opener,
+    /// Encryption at rest of job records, when configured.
+    pub sealer: Option<Arc<Sealer>>,
 }
 
 /// How the read-write database is opened (at start and on every reopen).
@@ -55,6 +58,7 @@ impl Shared {
         match e {
             TxError::Store(e) => e,
             TxError::Decode(m) => self.corrupt(m),
+            TxError::Sealed(m) => StoreError::Sealed(m),
             TxError::Storage(e) => storage_error(&e),
         }
     }
@@ -271,7 +275,7 @@ fn apply_all(
     shared: &Shared,
     batch: &mut [BoxRequest],
 ) -> Result<(), redb::Error> {
-    let mut tables = Tables::open(tx).map_err(|e| as_storage(shared, e))?;
+    let mut tables = Tables::open(tx, shared.sealer.clone()).map_err(|e| as_storage(shared, e))?;
     for r in batch.iter_mut() {
         r.apply(&mut tables, shared)?;
     }

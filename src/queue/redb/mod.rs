@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use self::commit::{BoxRequest, Pending, Shared};
 use self::ops::{EnqueueStep, TxError};
 use self::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use super::crypt::Sealer;
 use super::{
     Durable, EnqueueOutcome, Job, JobId, JobState, JobStore, LastOutcome, NewJob, RouteStats,
     StoreError,
@@ -74,6 +75,7 @@ fn tx_open_error(path: &Path, e: TxError) -> StoreError {
             path: path.to_path_buf(),
             message,
         },
+        TxError::Sealed(message) => StoreError::Sealed(message),
         TxError::Storage(e) => StoreError::Corrupt {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -101,7 +103,7 @@ fn read_schema(tx: &ReadTransaction) -> Result<Option<u64>, TxError> {
 }
 
 /// Creates every table, writes the schema version and requeues in_flight jobs.
-fn init(tx: &WriteTransaction, now: u64) -> Result<u64, TxError> {
+fn init(tx: &WriteTransaction, now: u64, sealer: Option<Arc<Sealer>>) -> Result<u64, TxError> {
     {
         let mut meta = tx.open_table(schema::META)?;
         let found = redb::ReadableTable::get(&meta, SCHEMA_VERSION_KEY)?.map(|v| v.value());
@@ -109,7 +111,7 @@ fn init(tx: &WriteTransaction, now: u64) -> Result<u64, TxError> {
             meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION)?;
         }
     }
-    let mut tables = ops::Tables::open(tx)?;
+    let mut tables = ops::Tables::open(tx, sealer)?;
     let n = ops::recover_in_flight(&mut tables, now)?;
     tables.finish()?;
     Ok(n)
@@ -160,12 +162,40 @@ impl RedbStore {
         )
     }
 
+    /// [`Self::open`] with encryption at rest: job records are written sealed with the
+    /// sealer's primary key, and sealed records are read with any of its keys. Without a
+    /// sealer, records are written unsealed and sealed ones cannot be read (the jobs fail with
+    /// [`StoreError::Sealed`] naming the key; opening still succeeds).
+    pub fn open_sealed(
+        path: impl AsRef<Path>,
+        cache_size_bytes: usize,
+        sealer: Option<Arc<Sealer>>,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(
+            path,
+            cache_size_bytes,
+            commit::file_opener(),
+            CHANNEL_CAPACITY,
+            sealer,
+        )
+    }
+
     /// [`Self::open`] with another way to open the read-write database (fault injection).
     pub(crate) fn open_with(
         path: impl AsRef<Path>,
         cache_size_bytes: usize,
         opener: Opener,
         channel_capacity: usize,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(path, cache_size_bytes, opener, channel_capacity, None)
+    }
+
+    fn open_inner(
+        path: impl AsRef<Path>,
+        cache_size_bytes: usize,
+        opener: Opener,
+        channel_capacity: usize,
+        sealer: Option<Arc<Sealer>>,
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let unavailable =
@@ -204,7 +234,7 @@ impl RedbStore {
         let recovered = (|| -> Result<u64, TxError> {
             let mut tx = db.begin_write()?;
             tx.set_durability(redb::Durability::Immediate)?;
-            let n = init(&tx, now_ms())?;
+            let n = init(&tx, now_ms(), sealer.clone())?;
             tx.commit()?;
             Ok(n)
         })()
@@ -219,6 +249,7 @@ impl RedbStore {
             path,
             cache_size: cache_size_bytes,
             opener,
+            sealer,
         });
         let (tx, rx) = mpsc::channel(channel_capacity.max(1));
         let writer_shared = shared.clone();
@@ -354,7 +385,8 @@ impl JobStore for RedbStore {
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
-        self.read(move |tx| ops::load_job(&tx.open_table(schema::JOBS)?, id))
+        let sealer = self.shared.sealer.clone();
+        self.read(move |tx| ops::load_job(&tx.open_table(schema::JOBS)?, sealer.as_deref(), id))
             .await
     }
 
@@ -366,6 +398,7 @@ impl JobStore for RedbStore {
         cursor: Option<JobId>,
     ) -> Result<Vec<Job>, StoreError> {
         let route = route.map(str::to_owned);
+        let sealer = self.shared.sealer.clone();
         self.read(move |tx| {
             let jobs = tx.open_table(schema::JOBS)?;
             let upper = cursor.map(|c| c.as_u128()).unwrap_or(u128::MAX);
@@ -378,7 +411,9 @@ impl JobStore for RedbStore {
                 if cursor.is_some() && id == upper {
                     return Ok(false);
                 }
-                if let Some(j) = ops::load_job(&jobs, JobId::from_u128(id))? {
+                // A job whose key is missing is listed by its clear fields (uri empty).
+                let found = ops::load_stored(&jobs, sealer.as_deref(), JobId::from_u128(id))?;
+                if let Some(j) = found.map(ops::Stored::into_known) {
                     if keep(&j) {
                         out.push(j);
                     }

@@ -4,22 +4,26 @@
 //! per-route counters in step with the job record in the same transaction.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::schema::{
-    decode_idem, decode_job, decode_route, encode_idem, encode_job, encode_route, DecodeError,
-    IdemRecordV1, RouteRecordV1, BY_ROUTE, COUNTERS, DUE, EXPIRY, IDEM, JOBS, ORDER, PENDING,
-    QUOTAS, ROUTES,
+    decode_idem, decode_job_head, decode_job_with, decode_route, encode_idem, encode_job_with,
+    encode_route, rewrite_sealed_head, DecodeError, IdemRecordV1, RouteRecordV1, BY_ROUTE,
+    COUNTERS, DUE, EXPIRY, IDEM, JOBS, ORDER, PENDING, QUOTAS, ROUTES,
 };
+use crate::queue::crypt::Sealer;
 use crate::queue::{Job, JobId, JobState, LastOutcome, NewJob, StoreError, BODY_PREFIX_MAX};
 
-/// A failed step: either the caller's answer (`Store`), a record that does not decode, or
-/// storage trouble that fails the whole batch.
+/// A failed step: either the caller's answer (`Store`), a record that does not decode, a
+/// sealed record the configured keys cannot open, or storage trouble that fails the whole
+/// batch.
 #[derive(Debug)]
 pub(super) enum TxError {
     Store(StoreError),
     Decode(String),
+    Sealed(String),
     Storage(redb::Error),
 }
 
@@ -42,7 +46,30 @@ from_redb!(
 
 impl From<DecodeError> for TxError {
     fn from(e: DecodeError) -> Self {
-        TxError::Decode(e.0)
+        match e {
+            DecodeError::Malformed(m) => TxError::Decode(m),
+            DecodeError::Sealed(e) => TxError::Sealed(e.to_string()),
+        }
+    }
+}
+
+/// A job record's decode error, naming the job.
+fn job_error(id: JobId, e: DecodeError) -> TxError {
+    match e {
+        DecodeError::Malformed(m) => TxError::Decode(format!("job {id}: {m}")),
+        DecodeError::Sealed(e) => TxError::Sealed(format!("job {id}: {e}")),
+    }
+}
+
+/// A record stored under one id that holds another job was moved there: refuse it.
+fn same_id(job: Job, id: JobId) -> TxResult<Job> {
+    if job.id == id {
+        Ok(job)
+    } else {
+        Err(TxError::Decode(format!(
+            "the record stored for job {id} holds job {}",
+            job.id
+        )))
     }
 }
 
@@ -67,10 +94,84 @@ pub(super) enum EnqueueStep {
 
 pub(super) fn load_job(
     t: &impl ReadableTable<u128, &'static [u8]>,
+    sealer: Option<&Sealer>,
     id: JobId,
 ) -> TxResult<Option<Job>> {
     match t.get(id.as_u128())? {
-        Some(v) => Ok(Some(decode_job(v.value())?)),
+        Some(v) => {
+            let job = decode_job_with(v.value(), sealer).map_err(|e| job_error(id, e))?;
+            Ok(Some(same_id(job, id)?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// A job as stored: readable, or sealed with a key this process does not have (or that does
+/// not open it), of which only the clear head is known.
+pub(super) enum Stored {
+    Open(Job),
+    Locked {
+        /// The job with uri, headers and bodies empty.
+        head: Job,
+        /// The record as stored, rewritten with [`rewrite_sealed_head`] on a state change.
+        raw: Vec<u8>,
+        /// Why it does not open, naming the job and the key id.
+        why: String,
+    },
+}
+
+impl Stored {
+    /// The job as far as it is known: the whole job, or the head of a locked one.
+    pub fn into_known(self) -> Job {
+        match self {
+            Stored::Open(j) => j,
+            Stored::Locked { head, .. } => head,
+        }
+    }
+
+    fn known(&self) -> &Job {
+        match self {
+            Stored::Open(j) => j,
+            Stored::Locked { head, .. } => head,
+        }
+    }
+}
+
+/// Like [`load_job`], but a sealed job whose key is missing comes back as [`Stored::Locked`]
+/// instead of an error, for the operations that need only its clear fields.
+pub(super) fn load_stored(
+    t: &impl ReadableTable<u128, &'static [u8]>,
+    sealer: Option<&Sealer>,
+    id: JobId,
+) -> TxResult<Option<Stored>> {
+    let Some(v) = t.get(id.as_u128())? else {
+        return Ok(None);
+    };
+    let bytes = v.value();
+    match decode_job_with(bytes, sealer) {
+        Ok(job) => Ok(Some(Stored::Open(same_id(job, id)?))),
+        Err(DecodeError::Sealed(why)) => {
+            let (head, _) = decode_job_head(bytes).map_err(|e| job_error(id, e))?;
+            Ok(Some(Stored::Locked {
+                head: same_id(head, id)?,
+                raw: bytes.to_vec(),
+                why: format!("job {id}: {why}"),
+            }))
+        }
+        Err(e) => Err(job_error(id, e)),
+    }
+}
+
+/// The clear fields of a job (no decryption): enough for its state, route and keys.
+pub(super) fn load_head(
+    t: &impl ReadableTable<u128, &'static [u8]>,
+    id: JobId,
+) -> TxResult<Option<Job>> {
+    match t.get(id.as_u128())? {
+        Some(v) => {
+            let (head, _) = decode_job_head(v.value()).map_err(|e| job_error(id, e))?;
+            Ok(Some(same_id(head, id)?))
+        }
         None => Ok(None),
     }
 }
@@ -143,10 +244,12 @@ pub(super) struct Tables<'tx> {
     pub quotas: Table<'tx, (&'static str, u64), (u64, u64)>,
     /// Counter values as of this batch: read through on first use, written back at the end.
     counts: HashMap<(String, JobState), u64>,
+    /// Seals job records when encryption at rest is on, and opens sealed ones.
+    pub sealer: Option<Arc<Sealer>>,
 }
 
 impl<'tx> Tables<'tx> {
-    pub fn open(tx: &'tx WriteTransaction) -> TxResult<Self> {
+    pub fn open(tx: &'tx WriteTransaction, sealer: Option<Arc<Sealer>>) -> TxResult<Self> {
         Ok(Self {
             jobs: tx.open_table(JOBS)?,
             due: tx.open_table(DUE)?,
@@ -159,6 +262,7 @@ impl<'tx> Tables<'tx> {
             routes: tx.open_table(ROUTES)?,
             quotas: tx.open_table(QUOTAS)?,
             counts: HashMap::new(),
+            sealer,
         })
     }
 
@@ -192,6 +296,24 @@ impl<'tx> Tables<'tx> {
 
 /// Replaces `old` by `new` (either may be absent), keeping every index and counter in step.
 pub(super) fn put_job(t: &mut Tables<'_>, old: Option<&Job>, new: Option<&Job>) -> TxResult<()> {
+    // Encoded (and sealed) before anything changes, so a failure leaves the batch untouched.
+    let record = match new {
+        Some(n) => Some(
+            encode_job_with(n, t.sealer.as_deref())
+                .map_err(|e| TxError::Sealed(format!("job {}: {e}", n.id)))?,
+        ),
+        None => None,
+    };
+    put_record(t, old, new.zip(record.as_deref()))
+}
+
+/// [`put_job`] for a job whose key is missing: only its clear head changes.
+fn put_locked(t: &mut Tables<'_>, old: &Job, new: &Job, raw: &[u8]) -> TxResult<()> {
+    let record = rewrite_sealed_head(raw, new).map_err(|e| job_error(new.id, e))?;
+    put_record(t, Some(old), Some((new, &record)))
+}
+
+fn put_record(t: &mut Tables<'_>, old: Option<&Job>, new: Option<(&Job, &[u8])>) -> TxResult<()> {
     if let Some(o) = old {
         let id = o.id.as_u128();
         let r = o.route.as_str();
@@ -207,10 +329,10 @@ pub(super) fn put_job(t: &mut Tables<'_>, old: Option<&Job>, new: Option<&Job>) 
         t.bump(r, o.state, false)?;
     }
     match new {
-        Some(n) => {
+        Some((n, record)) => {
             let id = n.id.as_u128();
             let r = n.route.as_str();
-            t.jobs.insert(id, encode_job(n).as_slice())?;
+            t.jobs.insert(id, record)?;
             if n.state.is_due_kind() {
                 t.due.insert((r, n.next_attempt_at_ms, id), ())?;
             }
@@ -237,7 +359,7 @@ pub(super) fn put_job(t: &mut Tables<'_>, old: Option<&Job>, new: Option<&Job>) 
 }
 
 fn must_load(t: &Tables<'_>, id: JobId) -> TxResult<Job> {
-    load_job(&t.jobs, id)?.ok_or(TxError::Store(StoreError::NotFound))
+    load_job(&t.jobs, t.sealer.as_deref(), id)?.ok_or(TxError::Store(StoreError::NotFound))
 }
 
 // === writes ===
@@ -257,7 +379,8 @@ pub(super) fn enqueue(
         None => None,
     };
     if let Some(rec) = existing {
-        let held = match load_job(&t.jobs, JobId::from_u128(rec.id))? {
+        // The head is enough for the state, and needs no decryption.
+        let held = match load_head(&t.jobs, JobId::from_u128(rec.id))? {
             Some(j) => j.state != JobState::Delivered || now < rec.expires_at_ms,
             None => false,
         };
@@ -302,14 +425,22 @@ pub(super) fn lease_due(
         return Ok(Vec::new());
     }
     let mut picked = Vec::new();
+    let mut locked = Vec::new();
     for entry in t
         .due
         .range((route, 0u64, 0u128)..=(route, now_ms, u128::MAX))?
     {
         let (k, _) = entry?;
         let id = JobId::from_u128(k.value().2);
-        let Some(job) = load_job(&t.jobs, id)? else {
-            continue;
+        let job = match load_stored(&t.jobs, t.sealer.as_deref(), id)? {
+            Some(Stored::Open(job)) => job,
+            // Never deliverable with the keys at hand, and left due it would be leased
+            // again at once: dead-lettered below, with the reason naming the key.
+            Some(Stored::Locked { head, raw, why }) => {
+                locked.push((head, raw, why));
+                continue;
+            }
+            None => continue,
         };
         if let Some(key) = &job.ordering_key {
             if first_in_order(&t.order, route, key)? != Some(id.as_u128()) {
@@ -320,6 +451,16 @@ pub(super) fn lease_due(
         if picked.len() >= limit {
             break;
         }
+    }
+    for (old, raw, why) in locked {
+        tracing::error!(job_id = %old.id, route, reason = %why, "stored job cannot be decrypted; dead-lettered");
+        let mut new = old.clone();
+        new.state = JobState::Dead;
+        new.updated_at_ms = now_ms;
+        new.dead_reason = Some(format!(
+            "cannot decrypt the stored request: {why}; list the key under storage.encryption.keys, restart, then retry the job"
+        ));
+        put_locked(t, &old, &new, &raw)?;
     }
     let mut out = Vec::with_capacity(picked.len());
     for old in picked {
@@ -394,26 +535,33 @@ pub(super) fn dead_letter(
     put_job(t, Some(&old), Some(&new))
 }
 
-fn make_due(t: &mut Tables<'_>, old: &Job, now_ms: u64) -> TxResult<()> {
-    let mut new = old.clone();
+/// Due now; a job whose key is missing too (with the key still missing, the next lease
+/// dead-letters it again).
+fn make_due(t: &mut Tables<'_>, old: &Stored, now_ms: u64) -> TxResult<()> {
+    let mut new = old.known().clone();
     new.state = JobState::Retrying;
     new.next_attempt_at_ms = now_ms;
     new.updated_at_ms = now_ms;
     new.dead_reason = None;
-    put_job(t, Some(old), Some(&new))
+    match old {
+        Stored::Open(o) => put_job(t, Some(o), Some(&new)),
+        Stored::Locked { head, raw, .. } => put_locked(t, head, &new, raw),
+    }
 }
 
 pub(super) fn retry(t: &mut Tables<'_>, id: JobId, now_ms: u64) -> TxResult<bool> {
-    let old = must_load(t, id)?;
-    if !matches!(old.state, JobState::Dead | JobState::Retrying) {
+    let old = load_stored(&t.jobs, t.sealer.as_deref(), id)?
+        .ok_or(TxError::Store(StoreError::NotFound))?;
+    if !matches!(old.known().state, JobState::Dead | JobState::Retrying) {
         return Ok(false);
     }
     make_due(t, &old, now_ms)?;
     Ok(true)
 }
 
+/// Works without the job's key: removing needs only its clear fields.
 pub(super) fn delete(t: &mut Tables<'_>, id: JobId) -> TxResult<bool> {
-    let Some(old) = load_job(&t.jobs, id)? else {
+    let Some(old) = load_head(&t.jobs, id)? else {
         return Ok(false);
     };
     drop_idem_if_owned(t, &old)?;
@@ -437,8 +585,10 @@ pub(super) fn replay_dead(t: &mut Tables<'_>, route: &str, now_ms: u64) -> TxRes
     let mut dead = Vec::new();
     for entry in t.by_route.range((route, 0u128)..=(route, u128::MAX))? {
         let (k, _) = entry?;
-        if let Some(j) = load_job(&t.jobs, JobId::from_u128(k.value().1))? {
-            if j.state == JobState::Dead {
+        // Only dead jobs are read in full (or found locked).
+        let id = JobId::from_u128(k.value().1);
+        if load_head(&t.jobs, id)?.is_some_and(|j| j.state == JobState::Dead) {
+            if let Some(j) = load_stored(&t.jobs, t.sealer.as_deref(), id)? {
                 dead.push(j);
             }
         }
@@ -491,7 +641,8 @@ pub(super) fn purge_expired(t: &mut Tables<'_>, now_ms: u64, batch: usize) -> Tx
     let mut purged = 0;
     for (exp, id) in expired {
         t.expiry.remove((exp, id))?;
-        let job = load_job(&t.jobs, JobId::from_u128(id))?;
+        // Delivered jobs go by their clear fields: no decryption, and no key needed.
+        let job = load_head(&t.jobs, JobId::from_u128(id))?;
         if let Some(job) = job.filter(|j| j.state == JobState::Delivered) {
             drop_idem_if_owned(t, &job)?;
             put_job(t, Some(&job), None)?;
@@ -506,18 +657,23 @@ pub(super) fn recover_in_flight(t: &mut Tables<'_>, now_ms: u64) -> TxResult<u64
     let mut stuck = Vec::new();
     for entry in t.pending.iter()? {
         let (k, _) = entry?;
-        if let Some(j) = load_job(&t.jobs, JobId::from_u128(k.value().2))? {
-            if j.state == JobState::InFlight {
+        let id = JobId::from_u128(k.value().2);
+        // A job whose key is missing is requeued too: opening the store never needs a key.
+        if load_head(&t.jobs, id)?.is_some_and(|j| j.state == JobState::InFlight) {
+            if let Some(j) = load_stored(&t.jobs, t.sealer.as_deref(), id)? {
                 stuck.push(j);
             }
         }
     }
     for old in &stuck {
-        let mut new = old.clone();
+        let mut new = old.known().clone();
         new.state = JobState::Queued;
         new.next_attempt_at_ms = now_ms;
         new.updated_at_ms = now_ms;
-        put_job(t, Some(old), Some(&new))?;
+        match old {
+            Stored::Open(o) => put_job(t, Some(o), Some(&new))?,
+            Stored::Locked { head, raw, .. } => put_locked(t, head, &new, raw)?,
+        }
     }
     Ok(stuck.len() as u64)
 }
