@@ -259,7 +259,12 @@ async fn every_202_is_delivered_through_20_sigkills_and_a_flaky_upstream() {
         .count();
     let duplicate_2xx: usize = by_key
         .values()
-        .map(|v| v.iter().filter(|s| s.answered_2xx()).count().saturating_sub(1))
+        .map(|v| {
+            v.iter()
+                .filter(|s| s.answered_2xx())
+                .count()
+                .saturating_sub(1)
+        })
         .sum();
     let keys_with_duplicates = by_key
         .values()

@@ -651,8 +651,10 @@ async fn fault_response(fault: Fault) -> Result<Response<FaultBody>, std::io::Er
                 status,
                 BodyExt::boxed(http_body_util::StreamBody::new(frames)),
             );
-            rsp.headers_mut()
-                .insert("content-length", (sent * 4 + 16).to_string().parse().unwrap());
+            rsp.headers_mut().insert(
+                "content-length",
+                (sent * 4 + 16).to_string().parse().unwrap(),
+            );
             Ok(rsp)
         }
         Fault::Trickle {

@@ -6,6 +6,7 @@
 
 mod commit;
 mod ops;
+pub mod repair;
 pub mod schema;
 
 use std::fs;
@@ -151,13 +152,30 @@ impl RedbStore {
     ///
     /// A file that is not a redb database, or one written by a newer schema, is refused and left
     /// byte-identical. Jobs left in_flight by a crash become queued again, due now.
+    ///
+    /// redb may panic on a file corrupted outside it (its plain open trusts the file); that
+    /// becomes [`StoreError::Corrupt`] naming the file, like any other damage.
     pub fn open(path: impl AsRef<Path>, cache_size_bytes: usize) -> Result<Self, StoreError> {
-        Self::open_with(
-            path,
-            cache_size_bytes,
-            commit::file_opener(),
-            CHANNEL_CAPACITY,
-        )
+        let path = path.as_ref();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open_with(
+                path,
+                cache_size_bytes,
+                commit::file_opener(),
+                CHANNEL_CAPACITY,
+            )
+        }))
+        .unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!("redb could not read it: {what}"),
+            })
+        })
     }
 
     /// [`Self::open`] with another way to open the read-write database (fault injection).
