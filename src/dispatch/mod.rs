@@ -19,11 +19,13 @@ use tracing::Instrument;
 use crate::client::HttpClient;
 use crate::config::RouteConfig;
 use crate::proxy::defer::now_ms;
-use crate::queue::{Job, JobStore, LastOutcome, BODY_PREFIX_MAX};
+use crate::queue::{Job, JobStore, LastOutcome, StoreError, BODY_PREFIX_MAX};
 use classify::{classify, Outcome, Verdict};
 
 /// How long the loop waits before looking again after a storage error.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// How often an attempt's outcome is retried when storage refuses it (about 10 minutes).
+const RECORD_TRIES: u32 = 600;
 /// The longest the loop sleeps without looking (paused routes, clock jumps).
 const MAX_IDLE: Duration = Duration::from_secs(5);
 
@@ -309,38 +311,62 @@ impl Attempt {
         last: Option<LastOutcome>,
     ) {
         let route = &self.route.name;
-        let result = match verdict {
-            Verdict::Delivered => {
-                tracing::info!(%route, job_id = %id, attempts, "delivered");
-                self.store.ack(id, now_ms()).await
-            }
+        match &verdict {
+            Verdict::Delivered => tracing::info!(%route, job_id = %id, attempts, "delivered"),
             Verdict::Retry {
                 after,
                 reason,
                 pause_route,
             } => {
-                let now = now_ms();
-                let next = now + u64::try_from(after.as_millis()).unwrap_or(u64::MAX / 2);
                 if let Some(pause) = pause_route {
-                    let until = now + u64::try_from(pause.as_millis()).unwrap_or(0);
+                    let until = now_ms() + u64::try_from(pause.as_millis()).unwrap_or(0);
                     tracing::info!(%route, ?pause, "upstream asked to back off; pausing the route");
                     if let Err(e) = self.store.pause_until(route, until).await {
                         tracing::warn!(%route, error = %e, "could not persist the route pause");
                     }
                 }
                 tracing::info!(%route, job_id = %id, attempts, %reason, ?after, "will retry");
-                self.store
-                    .reschedule(id, next, last.unwrap_or_default())
-                    .await
             }
             Verdict::Dead { reason } => {
                 tracing::warn!(%route, job_id = %id, attempts, %reason, "dead-lettered");
-                self.store.dead_letter(id, reason, last).await
             }
-        };
-        if let Err(e) = result {
-            // The job stays in_flight in storage and is delivered again after a restart.
-            tracing::error!(%route, job_id = %id, error = %e, "could not record a delivery outcome");
+        }
+        // A job whose outcome is not recorded stays in_flight and is not delivered again
+        // until a restart; so keep trying while storage is unavailable (disk full, reopening).
+        let mut tries = 0u32;
+        loop {
+            let result = match &verdict {
+                Verdict::Delivered => self.store.ack(id, now_ms()).await,
+                Verdict::Retry { after, .. } => {
+                    let next = now_ms() + u64::try_from(after.as_millis()).unwrap_or(u64::MAX / 2);
+                    self.store
+                        .reschedule(id, next, last.clone().unwrap_or_default())
+                        .await
+                }
+                Verdict::Dead { reason } => {
+                    self.store
+                        .dead_letter(id, reason.clone(), last.clone())
+                        .await
+                }
+            };
+            match result {
+                Ok(()) => break,
+                Err(e)
+                    if tries < RECORD_TRIES
+                        && !matches!(e, StoreError::Closed | StoreError::NotFound) =>
+                {
+                    if tries == 0 {
+                        tracing::warn!(%route, job_id = %id, error = %e, "could not record a delivery outcome; retrying");
+                    }
+                    tries += 1;
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+                Err(e) => {
+                    // The job stays in_flight in storage and is delivered again after a restart.
+                    tracing::error!(%route, job_id = %id, error = %e, "could not record a delivery outcome");
+                    break;
+                }
+            }
         }
         self.wake.notify_one();
     }

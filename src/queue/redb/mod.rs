@@ -237,7 +237,14 @@ impl RedbStore {
             path,
             cache_size: cache_size_bytes,
             opener,
+            full: AtomicBool::new(false),
         });
+        // Space held back for deliveries when the disk fills; without room for it the store
+        // starts in full mode (accepts refused, deliveries go on).
+        if let Err(e) = commit::ensure_reserve(&shared.path, commit::RESERVE_BYTES) {
+            tracing::error!(path = %shared.path.display(), error = %e, "no room for the disk reserve; accepts answer 503 until space returns");
+            shared.full.store(true, Ordering::Release);
+        }
         let (tx, rx) = mpsc::channel(channel_capacity.max(1));
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -267,7 +274,8 @@ impl RedbStore {
         F: FnOnce(&mut ops::Tables<'_>) -> Result<R, TxError> + Send + 'static,
     {
         let sender = self.tx.as_ref().ok_or(StoreError::Closed)?;
-        let (req, rx) = Pending::new(work);
+        // Only enqueues skip waiting for room in the channel, and only they grow the store.
+        let (req, rx) = Pending::new(work, !wait);
         let req: BoxRequest = Box::new(req);
         if wait {
             sender.send(req).await.map_err(|_| StoreError::Closed)?;
@@ -543,7 +551,7 @@ impl JobStore for RedbStore {
     }
 
     fn healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::Acquire)
+        self.shared.healthy.load(Ordering::Acquire) && !self.shared.full.load(Ordering::Acquire)
     }
 }
 
