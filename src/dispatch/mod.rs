@@ -243,6 +243,37 @@ impl Attempt {
             Ok(Ok(rsp)) => {
                 let (parts, body) = rsp.into_parts();
                 let status = parts.status.as_u16();
+                // The whole answer, body included, within the attempt's timeout: a status
+                // followed by a body that stalls or breaks off is no answer (the upstream may
+                // not have finished), so it is retried like a timeout or reset, under the
+                // same idempotency key.
+                let deadline = started + timeout;
+                let prefix = match read_body(body, deadline).await {
+                    Ok(prefix) => prefix,
+                    Err(class) => {
+                        let error = match class {
+                            crate::config::FailureClass::Timeout => format!(
+                                "status {status}, but the body did not arrive within {timeout:?}"
+                            ),
+                            _ => format!("status {status}, but the connection broke mid-body"),
+                        };
+                        let last = LastOutcome {
+                            status: Some(status),
+                            error: Some(error),
+                            at_ms: now_ms(),
+                            ..LastOutcome::default()
+                        };
+                        let verdict = classify(
+                            &Outcome::Failed(class),
+                            &self.route.retry,
+                            attempts,
+                            age,
+                            SystemTime::now(),
+                        );
+                        tracing::info!(route = %self.route.name, job_id = %id, attempt = attempts, status, error = last.error.as_deref().unwrap_or(""), "delivery attempt failed");
+                        return self.record(id, attempts, verdict, Some(last)).await;
+                    }
+                };
                 let verdict = classify(
                     &Outcome::Response {
                         status,
@@ -253,9 +284,6 @@ impl Attempt {
                     age,
                     SystemTime::now(),
                 );
-                // Read (at most 4 KiB of) the body either way, so the pooled connection
-                // can be reused; keep it only where a retry or dead letter shows it.
-                let prefix = body_prefix(body).await;
                 let last = (verdict != Verdict::Delivered).then(|| LastOutcome {
                     status: Some(status),
                     headers: parts
@@ -372,11 +400,17 @@ impl Attempt {
     }
 }
 
-/// The first [`BODY_PREFIX_MAX`] bytes of a response body, for the dead-letter record.
-async fn body_prefix(mut body: crate::proxy::Body) -> Vec<u8> {
+/// Reads a response body to its end by `deadline` (so the pooled connection can be reused),
+/// keeping the first [`BODY_PREFIX_MAX`] bytes for the job's record. A body that breaks off
+/// is a `reset`, one that does not end in time a `timeout`.
+async fn read_body(
+    mut body: crate::proxy::Body,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<u8>, crate::config::FailureClass> {
+    use crate::config::FailureClass;
     let mut out = Vec::new();
     let read = async {
-        while out.len() < BODY_PREFIX_MAX {
+        loop {
             match body.frame().await {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
@@ -384,10 +418,14 @@ async fn body_prefix(mut body: crate::proxy::Body) -> Vec<u8> {
                         out.extend_from_slice(&data[..take]);
                     }
                 }
-                _ => break,
+                Some(Err(_)) => return Err(FailureClass::Reset),
+                None => return Ok(()),
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
-    out
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(())) => Ok(out),
+        Ok(Err(class)) => Err(class),
+        Err(_) => Err(FailureClass::Timeout),
+    }
 }

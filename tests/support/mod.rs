@@ -643,10 +643,16 @@ async fn fault_response(fault: Fault) -> Result<Response<FaultBody>, std::io::Er
         Fault::Reset => Err(std::io::Error::other("scripted reset")),
         Fault::ResetMidBody { status, sent } => {
             let first = Bytes::from(vec![b'x'; sent]);
-            let frames = futures_util::stream::iter([
-                Ok(Frame::data(first)),
-                Err(std::io::Error::other("scripted reset mid-body")),
-            ]);
+            // The pause lets hyper flush the head and the first bytes before the reset.
+            let frames = futures_util::stream::iter([Some(first), None]).then(|part| async move {
+                match part {
+                    Some(data) => Ok(Frame::data(data)),
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err(std::io::Error::other("scripted reset mid-body"))
+                    }
+                }
+            });
             let mut rsp = with_status(
                 status,
                 BodyExt::boxed(http_body_util::StreamBody::new(frames)),
