@@ -41,6 +41,12 @@ enum Command {
     Jobs(spillway::cli::jobs::JobsArgs),
     /// Inspect routes; pause, resume or replay them through the admin API.
     Routes(spillway::cli::routes::RoutesArgs),
+    /// Recover a damaged job store: copy every readable job, dead letter, idempotency
+    /// key and route pause into a fresh file; the damaged one is kept beside it.
+    ///
+    /// Stop spillway first. Prints what was saved and skipped. Exit code 0 repaired (or
+    /// nothing to repair), 1 bad config, 2 not repaired (the file is left as it is).
+    Repair(spillway::cli::repair::RepairArgs),
     /// See what spillway does, with no setup: a flaky upstream, a burst of calls, a live view.
     ///
     /// Starts a flaky upstream (503s, slow answers, dropped connections, 429 with
@@ -85,6 +91,7 @@ fn main() -> ExitCode {
         Command::Run { config, no_watch } => run(&config, !no_watch),
         Command::Jobs(args) => spillway::cli::jobs::run(args),
         Command::Routes(args) => spillway::cli::routes::run(args),
+        Command::Repair(args) => spillway::cli::repair::run(args),
         Command::Demo {
             requests,
             concurrency,
@@ -129,6 +136,11 @@ fn run(path: &std::path::Path, watch_file: bool) -> ExitCode {
             Err(e) => {
                 tracing::error!(error = %e, "startup failed");
                 eprintln!("spillway: {e}");
+                if let spillway::app::AppError::Store(se) = &e {
+                    if let Some(hint) = spillway::cli::repair::hint(se) {
+                        eprintln!("spillway: {hint}");
+                    }
+                }
                 return ExitCode::from(2);
             }
         };

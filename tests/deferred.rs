@@ -391,14 +391,17 @@ async fn a_corrupt_queue_file_is_a_clear_error_and_is_left_untouched() {
     );
 }
 
-/// A real full disk: a small tmpfs (needs root; skipped with a message otherwise).
+/// A real full disk, the whole cycle (a small tmpfs; needs root, skipped with a message
+/// otherwise): while full, accepts answer 503 `storage_unavailable` and never 202, readiness
+/// drops, nothing half stored shows up, and the jobs stored before keep draining to the
+/// upstream; once space returns, accepting resumes without a restart.
 #[tokio::test]
-async fn a_full_disk_gives_503_never_202_and_recovers_when_space_returns() {
+async fn a_full_disk_gives_503_never_202_keeps_delivering_and_recovers_when_space_returns() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
         .arg(&mnt)
         .status()
         .is_ok_and(|s| s.success());
@@ -417,7 +420,17 @@ async fn a_full_disk_gives_503_never_202_and_recovers_when_space_returns() {
     }
     let _guard = Unmount(mnt.clone());
 
-    let up = FlakyUpstream::start(|_, _| Action::Delay(Duration::from_secs(60))).await;
+    // The upstream refuses until the disk is full, so the stored jobs wait in the queue.
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = open.clone();
+    let up = FlakyUpstream::start(move |_, _| {
+        if gate.load(std::sync::atomic::Ordering::SeqCst) {
+            Action::status(200)
+        } else {
+            Action::status(503)
+        }
+    })
+    .await;
     let cfg = config(up.addr, "")
         .replace(
             "{data}/queue.redb",
@@ -427,36 +440,87 @@ async fn a_full_disk_gives_503_never_202_and_recovers_when_space_returns() {
             "shutdown_grace",
             "limits: { max_body_bytes: 256KiB }\nshutdown_grace",
         )
-        .replace("concurrency: 4", "concurrency: 1");
+        .replace("max_attempts: 5", "max_attempts: 1000")
+        .replace("max: 3s", "max: 300ms");
     let sw = Spillway::start(&cfg);
     let filler = mnt.join("filler");
-    let body = "x".repeat(200 * 1024);
-    let mut saw_503 = false;
-    for i in 0..40 {
+    let body = "x".repeat(100 * 1024);
+    let mut accepted: HashSet<String> = HashSet::new();
+    let mut refused = 0;
+    for i in 0..60 {
         let a = send(sw.proxy, keyed(&body, &format!("fill-{i}"))).await;
         match a.status {
-            202 => {}
+            202 => {
+                accepted.insert(a.header("spillway-job-id").unwrap().to_owned());
+            }
             503 => {
                 assert_eq!(a.json()["error"], "storage_unavailable", "{:?}", a.json());
-                saw_503 = true;
-                break;
+                assert!(a.header("retry-after").is_some());
+                refused += 1;
+                if refused == 3 {
+                    break;
+                }
             }
             other => panic!("unexpected status {other}"),
         }
-        if i == 0 {
+        if i == 2 {
             // Leave the store a little room, then take the rest.
             let _ = std::process::Command::new("dd")
                 .args(["if=/dev/zero", "bs=64k", "count=1000"])
                 .arg(format!("of={}", filler.display()))
+                .stderr(std::process::Stdio::null())
                 .status();
         }
     }
-    assert!(saw_503, "the disk never filled up");
+    assert_eq!(refused, 3, "the disk never filled up");
+    assert!(!accepted.is_empty());
     let ready = send(sw.admin, support::get("/readyz", "admin")).await;
     assert_eq!(
         ready.status, 503,
         "readiness must drop while storage is unusable"
     );
+
+    // Nothing half stored: the store holds exactly the jobs that were answered 202 (reads
+    // wait for the store to reopen after the failed write).
+    eventually("the job list", || async {
+        send(sw.admin, support::get("/jobs?limit=1", "admin"))
+            .await
+            .status
+            == 200
+    })
+    .await;
+    let listed = send(sw.admin, support::get("/jobs?limit=1000", "admin")).await;
+    let stored: HashSet<String> = listed.json()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        stored, accepted,
+        "the store differs from what was acknowledged"
+    );
+
+    // Still full: what is stored drains to the upstream, and accepts stay refused.
+    let before = up.count();
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        "the stored jobs are delivered while the disk is full",
+        || async {
+            let ok: HashSet<String> = up.requests()[before..]
+                .iter()
+                .map(|r| r.headers["idempotency-key"].to_str().unwrap().to_owned())
+                .collect();
+            (0..60)
+                .map(|i| format!("fill-{i}"))
+                .filter(|k| ok.contains(k))
+                .count()
+                >= accepted.len()
+        },
+    )
+    .await;
+    let a = send(sw.proxy, keyed(&body, "while-full")).await;
+    assert_eq!(a.status, 503, "accepted while the disk was still full");
 
     std::fs::remove_file(&filler).unwrap();
     eventually("accepting resumes", || async {
@@ -467,6 +531,13 @@ async fn a_full_disk_gives_503_never_202_and_recovers_when_space_returns() {
         .await
         .status
             == 202
+    })
+    .await;
+    eventually("ready again", || async {
+        send(sw.admin, support::get("/readyz", "admin"))
+            .await
+            .status
+            == 200
     })
     .await;
 }

@@ -4,5 +4,6 @@
 pub mod check;
 pub mod client;
 pub mod jobs;
+pub mod repair;
 pub mod routes;
 mod table;

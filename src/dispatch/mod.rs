@@ -20,11 +20,13 @@ use crate::client::HttpClient;
 use crate::config::RouteConfig;
 use crate::metrics::{AttemptOutcome, Limit, Metrics, Mode, UpstreamOutcome};
 use crate::proxy::defer::now_ms;
-use crate::queue::{Job, JobStore, LastOutcome, BODY_PREFIX_MAX};
+use crate::queue::{Job, JobStore, LastOutcome, StoreError, BODY_PREFIX_MAX};
 use classify::{classify, Outcome, Verdict};
 
 /// How long the loop waits before looking again after a storage error.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// How often an attempt's outcome is retried when storage refuses it (about 10 minutes).
+const RECORD_TRIES: u32 = 600;
 /// The longest the loop sleeps without looking (paused routes, clock jumps).
 const MAX_IDLE: Duration = Duration::from_secs(5);
 
@@ -282,6 +284,44 @@ impl Attempt {
                     started.elapsed(),
                 );
                 tracing::Span::current().record("status", i64::from(status));
+                // The whole answer, body included, within the attempt's timeout: a status
+                // followed by a body that stalls or breaks off is no answer (the upstream may
+                // not have finished), so it is retried like a timeout or reset, under the
+                // same idempotency key.
+                let deadline = started + timeout;
+                let prefix = match read_body(body, deadline).await {
+                    Ok(prefix) => prefix,
+                    Err(class) => {
+                        let error = match class {
+                            crate::config::FailureClass::Timeout => format!(
+                                "status {status}, but the body did not arrive within {timeout:?}"
+                            ),
+                            _ => format!("status {status}, but the connection broke mid-body"),
+                        };
+                        let last = LastOutcome {
+                            status: Some(status),
+                            error: Some(error),
+                            at_ms: now_ms(),
+                            ..LastOutcome::default()
+                        };
+                        let verdict = classify(
+                            &Outcome::Failed(class),
+                            &self.route.retry,
+                            attempts,
+                            age,
+                            SystemTime::now(),
+                        );
+                        tracing::info!(route = %self.route.name, job_id = %id, attempt = attempts, status, error = last.error.as_deref().unwrap_or(""), "delivery attempt failed");
+                        return self
+                            .record(
+                                &job,
+                                verdict,
+                                Some(last),
+                                Some(UpstreamOutcome::Failed(class)),
+                            )
+                            .await;
+                    }
+                };
                 let verdict = classify(
                     &Outcome::Response {
                         status,
@@ -292,9 +332,6 @@ impl Attempt {
                     age,
                     SystemTime::now(),
                 );
-                // Read (at most 4 KiB of) the body either way, so the pooled connection
-                // can be reused; keep it only where a retry or dead letter shows it.
-                let prefix = body_prefix(body).await;
                 let last = (verdict != Verdict::Delivered).then(|| LastOutcome {
                     status: Some(status),
                     headers: parts
@@ -363,38 +400,62 @@ impl Attempt {
         let (id, attempts) = (job.id, job.attempts);
         let route = &self.route.name;
         self.observe(job, &verdict, observed);
-        let result = match verdict {
-            Verdict::Delivered => {
-                tracing::info!(%route, job_id = %id, attempts, "delivered");
-                self.store.ack(id, now_ms()).await
-            }
+        match &verdict {
+            Verdict::Delivered => tracing::info!(%route, job_id = %id, attempts, "delivered"),
             Verdict::Retry {
                 after,
                 reason,
                 pause_route,
             } => {
-                let now = now_ms();
-                let next = now + u64::try_from(after.as_millis()).unwrap_or(u64::MAX / 2);
                 if let Some(pause) = pause_route {
-                    let until = now + u64::try_from(pause.as_millis()).unwrap_or(0);
+                    let until = now_ms() + u64::try_from(pause.as_millis()).unwrap_or(0);
                     tracing::info!(%route, ?pause, "upstream asked to back off; pausing the route");
                     if let Err(e) = self.store.pause_until(route, until).await {
                         tracing::warn!(%route, error = %e, "could not persist the route pause");
                     }
                 }
                 tracing::info!(%route, job_id = %id, attempts, %reason, ?after, "will retry");
-                self.store
-                    .reschedule(id, next, last.unwrap_or_default())
-                    .await
             }
             Verdict::Dead { reason } => {
                 tracing::warn!(%route, job_id = %id, attempts, %reason, "dead-lettered");
-                self.store.dead_letter(id, reason, last).await
             }
-        };
-        if let Err(e) = result {
-            // The job stays in_flight in storage and is delivered again after a restart.
-            tracing::error!(%route, job_id = %id, error = %e, "could not record a delivery outcome");
+        }
+        // A job whose outcome is not recorded stays in_flight and is not delivered again
+        // until a restart; so keep trying while storage is unavailable (disk full, reopening).
+        let mut tries = 0u32;
+        loop {
+            let result = match &verdict {
+                Verdict::Delivered => self.store.ack(id, now_ms()).await,
+                Verdict::Retry { after, .. } => {
+                    let next = now_ms() + u64::try_from(after.as_millis()).unwrap_or(u64::MAX / 2);
+                    self.store
+                        .reschedule(id, next, last.clone().unwrap_or_default())
+                        .await
+                }
+                Verdict::Dead { reason } => {
+                    self.store
+                        .dead_letter(id, reason.clone(), last.clone())
+                        .await
+                }
+            };
+            match result {
+                Ok(()) => break,
+                Err(e)
+                    if tries < RECORD_TRIES
+                        && !matches!(e, StoreError::Closed | StoreError::NotFound) =>
+                {
+                    if tries == 0 {
+                        tracing::warn!(%route, job_id = %id, error = %e, "could not record a delivery outcome; retrying");
+                    }
+                    tries += 1;
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+                Err(e) => {
+                    // The job stays in_flight in storage and is delivered again after a restart.
+                    tracing::error!(%route, job_id = %id, error = %e, "could not record a delivery outcome");
+                    break;
+                }
+            }
         }
         self.wake.notify_one();
     }
@@ -426,11 +487,17 @@ impl Attempt {
     }
 }
 
-/// The first [`BODY_PREFIX_MAX`] bytes of a response body, for the dead-letter record.
-async fn body_prefix(mut body: crate::proxy::Body) -> Vec<u8> {
+/// Reads a response body to its end by `deadline` (so the pooled connection can be reused),
+/// keeping the first [`BODY_PREFIX_MAX`] bytes for the job's record. A body that breaks off
+/// is a `reset`, one that does not end in time a `timeout`.
+async fn read_body(
+    mut body: crate::proxy::Body,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<u8>, crate::config::FailureClass> {
+    use crate::config::FailureClass;
     let mut out = Vec::new();
     let read = async {
-        while out.len() < BODY_PREFIX_MAX {
+        loop {
             match body.frame().await {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
@@ -438,10 +505,14 @@ async fn body_prefix(mut body: crate::proxy::Body) -> Vec<u8> {
                         out.extend_from_slice(&data[..take]);
                     }
                 }
-                _ => break,
+                Some(Err(_)) => return Err(FailureClass::Reset),
+                None => return Ok(()),
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
-    out
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(())) => Ok(out),
+        Ok(Err(class)) => Err(class),
+        Err(_) => Err(FailureClass::Timeout),
+    }
 }

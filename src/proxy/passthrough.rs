@@ -13,6 +13,7 @@ use bytes::Bytes;
 use governor::clock::{Clock, DefaultClock};
 use governor::{Quota, RateLimiter};
 use http::{Method, Request, Response};
+use http_body_util::BodyExt;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
@@ -164,7 +165,11 @@ where
         Box::pin(
             async move {
                 let result = match tokio::time::timeout(timeout, fut).await {
-                    Ok(r) => r,
+                    // The body streams to the client; a stall longer than the timeout ends it
+                    // (hyper then aborts the client's connection, so a cut body is never taken
+                    // for a whole one).
+                    Ok(Ok(rsp)) => Ok(rsp.map(|b| IdleTimeoutBody::new(b, timeout).boxed_unsync())),
+                    Ok(Err(e)) => Err(e),
                     Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
                 };
                 let outcome = match &result {
@@ -190,6 +195,60 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+// === impl IdleTimeoutBody ===
+
+/// A response body that fails when no frame arrives for `idle`.
+pub struct IdleTimeoutBody {
+    inner: Body,
+    idle: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimeoutBody {
+    pub fn new(inner: Body, idle: Duration) -> Self {
+        IdleTimeoutBody {
+            inner,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl http_body::Body for IdleTimeoutBody {
+    type Data = Bytes;
+    type Error = tower::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tower::BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = Instant::now() + this.idle;
+                this.sleep.as_mut().reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the upstream sent no body bytes for {:?}",
+                    this.idle
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -478,3 +478,225 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+// === FaultyUpstream (fault suite) ===
+
+/// What [`FaultyUpstream`] does with one request: the faults a real upstream shows.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// A whole answer.
+    Respond {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+    },
+    /// Never answers; the connection stays open until the client gives up.
+    Hang,
+    /// Closes the connection without an answer (after reading the request).
+    Reset,
+    /// Sends the status line, headers and `sent` bytes of a longer body, then drops the
+    /// connection.
+    ResetMidBody { status: u16, sent: usize },
+    /// Sends the status and headers at once, then the body one byte per `every`.
+    Trickle {
+        status: u16,
+        bytes: usize,
+        every: Duration,
+    },
+}
+
+impl Fault {
+    pub fn status(status: u16) -> Fault {
+        Fault::Respond {
+            status,
+            headers: vec![],
+        }
+    }
+}
+
+/// One request [`FaultyUpstream`] saw, and what it did with it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub fault: Fault,
+    pub at: tokio::time::Instant,
+}
+
+impl Seen {
+    pub fn key(&self) -> String {
+        self.headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    }
+    /// Whether the upstream gave a complete 2xx answer.
+    pub fn answered_2xx(&self) -> bool {
+        matches!(&self.fault, Fault::Respond { status, .. } if (200..300).contains(status))
+    }
+}
+
+type FaultScript = dyn Fn(usize, &Seen) -> Fault + Send + Sync;
+
+/// A real HTTP/1.1 server on 127.0.0.1 that answers each request with the [`Fault`] a
+/// test scripts for it, and records what it saw.
+pub struct FaultyUpstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultyUpstream {
+    pub async fn start<F>(script: F) -> FaultyUpstream
+    where
+        F: Fn(usize, &Seen) -> Fault + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let script: Arc<FaultScript> = Arc::new(script);
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
+                let (seen, count, script) = (s.clone(), count.clone(), script.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (seen, count, script) = (seen.clone(), count.clone(), script.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let mut rec = Seen {
+                                method: parts.method.to_string(),
+                                uri: parts.uri.to_string(),
+                                headers: parts.headers,
+                                body,
+                                fault: Fault::Hang,
+                                at: tokio::time::Instant::now(),
+                            };
+                            let n = count.fetch_add(1, Ordering::SeqCst);
+                            let fault = script(n, &rec);
+                            rec.fault = fault.clone();
+                            seen.lock().push(rec);
+                            fault_response(fault).await
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FaultyUpstream { addr, seen, task }
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().len()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().clone()
+    }
+}
+
+impl Drop for FaultyUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type FaultBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+async fn fault_response(fault: Fault) -> Result<Response<FaultBody>, std::io::Error> {
+    use futures_util::StreamExt;
+    use hyper::body::Frame;
+    let with_status = |status: u16, body: FaultBody| {
+        let mut rsp = Response::new(body);
+        *rsp.status_mut() = StatusCode::from_u16(status).unwrap();
+        rsp
+    };
+    match fault {
+        Fault::Respond { status, headers } => {
+            let body = Full::new(Bytes::from_static(b"upstream says hi"))
+                .map_err(|never| match never {})
+                .boxed();
+            let mut rsp = with_status(status, body);
+            for (k, v) in headers {
+                rsp.headers_mut().insert(k, v.parse().unwrap());
+            }
+            Ok(rsp)
+        }
+        Fault::Hang => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        // An error from the service makes hyper drop the connection without an answer.
+        Fault::Reset => Err(std::io::Error::other("scripted reset")),
+        Fault::ResetMidBody { status, sent } => {
+            let first = Bytes::from(vec![b'x'; sent]);
+            // The pause lets hyper flush the head and the first bytes before the reset.
+            let frames = futures_util::stream::iter([Some(first), None]).then(|part| async move {
+                match part {
+                    Some(data) => Ok(Frame::data(data)),
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err(std::io::Error::other("scripted reset mid-body"))
+                    }
+                }
+            });
+            let mut rsp = with_status(
+                status,
+                BodyExt::boxed(http_body_util::StreamBody::new(frames)),
+            );
+            rsp.headers_mut().insert(
+                "content-length",
+                (sent * 4 + 16).to_string().parse().unwrap(),
+            );
+            Ok(rsp)
+        }
+        Fault::Trickle {
+            status,
+            bytes,
+            every,
+        } => {
+            let frames = futures_util::stream::iter(0..bytes).then(move |_| async move {
+                tokio::time::sleep(every).await;
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"x")))
+            });
+            let mut rsp = with_status(
+                status,
+                BodyExt::boxed(http_body_util::StreamBody::new(frames)),
+            );
+            rsp.headers_mut()
+                .insert("content-length", bytes.to_string().parse().unwrap());
+            Ok(rsp)
+        }
+    }
+}
+
+/// Polls `probe` until it is true or `limit` runs out; returns whether it became true.
+pub async fn within<F, Fut>(limit: Duration, mut probe: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if probe().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

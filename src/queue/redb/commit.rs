@@ -5,6 +5,14 @@
 //! once, then answers every waiter: with its own result if the commit returned, or with
 //! [`StoreError::Unavailable`] if it did not. After a storage failure the store is marked
 //! unhealthy and the database is reopened on a later batch, at most once per [`REOPEN_EVERY`].
+//!
+//! Disk full: the store keeps a reserve file of [`RESERVE_BYTES`] beside the database. When a
+//! commit fails for lack of space, the reserve is deleted and the store enters full mode:
+//! enqueues are refused at once with [`StoreError::Full`] (nothing is written for them), while
+//! the state changes of jobs already stored (lease, ack, reschedule, dead letter) go on in the
+//! space the reserve gave back, so delivery drains the queue. Every [`REOPEN_EVERY`] the writer
+//! tries to write the reserve again; once it fits, full mode ends and accepts resume on their
+//! own.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +32,8 @@ use crate::queue::StoreError;
 pub const MAX_BATCH: usize = 256;
 /// Least time between two attempts to reopen a failed database.
 pub const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// Space held back for state changes of stored jobs when the disk fills up.
+pub const RESERVE_BYTES: u64 = 4 << 20;
 
 /// State shared by the writer thread and the readers.
 pub(super) struct Shared {
@@ -36,6 +46,43 @@ pub(super) struct Shared {
     pub opener: Opener,
     /// Encryption at rest of job records, when configured.
     pub sealer: Option<Arc<Sealer>>,
+    /// Full mode (see the module docs): enqueues are refused until the reserve fits again.
+    pub full: AtomicBool,
+}
+
+/// The reserve file beside the database: `<file>.reserve`.
+pub(super) fn reserve_path(db: &Path) -> std::path::PathBuf {
+    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".reserve");
+    db.with_file_name(name)
+}
+
+/// Writes the reserve file (zeros, synced) if it is not there at full size. It first writes
+/// `probe` bytes, then cuts the file to [`RESERVE_BYTES`]: a probe larger than the reserve
+/// proves room beyond it. `Err` when the disk has no room; a partial file is removed.
+pub(super) fn ensure_reserve(db: &Path, probe: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = reserve_path(db);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES) {
+        return Ok(());
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&path)?;
+        let zeros = vec![0u8; 64 * 1024];
+        let mut left = probe.max(RESERVE_BYTES);
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            f.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        // tmpfs and friends report ENOSPC only here for some writes.
+        f.sync_all()?;
+        f.set_len(RESERVE_BYTES)?;
+        f.sync_all()
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&path);
+    })
 }
 
 /// How the read-write database is opened (at start and on every reopen).
@@ -108,6 +155,8 @@ pub(super) trait Request: Send {
     fn apply(&mut self, t: &mut Tables<'_>, shared: &Shared) -> Result<(), redb::Error>;
     /// Answers the waiter once the batch ended.
     fn finish(self: Box<Self>, end: &BatchEnd);
+    /// Whether the request adds to the store (an enqueue); refused in full mode.
+    fn grows(&self) -> bool;
 }
 
 pub(super) type BoxRequest = Box<dyn Request>;
@@ -117,6 +166,7 @@ pub(super) struct Pending<R, F> {
     work: Option<F>,
     result: Option<Result<R, StoreError>>,
     reply: oneshot::Sender<Result<R, StoreError>>,
+    grows: bool,
 }
 
 impl<R, F> Pending<R, F>
@@ -124,13 +174,15 @@ where
     R: Send + 'static,
     F: FnOnce(&mut Tables<'_>) -> Result<R, TxError> + Send + 'static,
 {
-    pub fn new(work: F) -> (Self, oneshot::Receiver<Result<R, StoreError>>) {
+    /// `grows`: the work adds to the store (see [`Request::grows`]).
+    pub fn new(work: F, grows: bool) -> (Self, oneshot::Receiver<Result<R, StoreError>>) {
         let (reply, rx) = oneshot::channel();
         (
             Self {
                 work: Some(work),
                 result: None,
                 reply,
+                grows,
             },
             rx,
         )
@@ -163,6 +215,10 @@ where
         // The waiter may have gone away (request cancelled); nothing to do then.
         let _ = self.reply.send(out);
     }
+
+    fn grows(&self) -> bool {
+        self.grows
+    }
 }
 
 /// Opens the database file at `shared.path` (no checks; those ran at first open).
@@ -182,6 +238,7 @@ fn max_batch() -> usize {
 /// The writer loop; returns when every sender is gone.
 pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
     let mut last_reopen: Option<Instant> = None;
+    let mut last_reserve: Option<Instant> = None;
     let max_batch = max_batch();
     let mut batch: Vec<BoxRequest> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
@@ -192,12 +249,61 @@ pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
                 Err(_) => break,
             }
         }
+        if shared.full.load(Ordering::Acquire) {
+            retry_reserve(&shared, &mut last_reserve);
+        }
+        if shared.full.load(Ordering::Acquire) {
+            // Refused before any write: nothing of them is stored.
+            let refused = BatchEnd::Failed {
+                full: true,
+                message: "the disk is full".into(),
+            };
+            let (grow, keep): (Vec<_>, Vec<_>) = batch.drain(..).partition(|r| r.grows());
+            for r in grow {
+                r.finish(&refused);
+            }
+            batch = keep;
+            if batch.is_empty() {
+                continue;
+            }
+        }
         let end = run_batch(&shared, &mut batch, &mut last_reopen);
+        if matches!(end, BatchEnd::Failed { full: true, .. }) {
+            enter_full_mode(&shared);
+            last_reserve = Some(Instant::now());
+        }
         for r in batch.drain(..) {
             r.finish(&end);
         }
     }
     shared.db.write().take();
+}
+
+/// The disk is full: give the reserve back for state changes and refuse enqueues.
+fn enter_full_mode(shared: &Shared) {
+    if shared.full.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let released = std::fs::remove_file(reserve_path(&shared.path)).is_ok();
+    tracing::error!(
+        path = %shared.path.display(),
+        released_reserve = released,
+        "disk full: accepts answer 503 until space returns; stored jobs keep being delivered"
+    );
+}
+
+/// In full mode, at most once per [`REOPEN_EVERY`]: if the reserve fits again, leave it.
+fn retry_reserve(shared: &Shared, last: &mut Option<Instant>) {
+    if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+        return;
+    }
+    *last = Some(Instant::now());
+    // Leave full mode only with room for the reserve and as much again for accepts;
+    // otherwise the next accept would fill the disk at once.
+    if ensure_reserve(&shared.path, 2 * RESERVE_BYTES).is_ok() {
+        shared.full.store(false, Ordering::Release);
+        tracing::info!(path = %shared.path.display(), "disk space is back; accepting again");
+    }
 }
 
 fn current_db(shared: &Shared, last_reopen: &mut Option<Instant>) -> Result<Arc<Database>, String> {

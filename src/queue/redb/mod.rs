@@ -6,6 +6,7 @@
 
 mod commit;
 mod ops;
+pub mod repair;
 pub mod schema;
 
 use std::fs;
@@ -153,13 +154,11 @@ impl RedbStore {
     ///
     /// A file that is not a redb database, or one written by a newer schema, is refused and left
     /// byte-identical. Jobs left in_flight by a crash become queued again, due now.
+    ///
+    /// redb may panic on a file corrupted outside it (its plain open trusts the file); that
+    /// becomes [`StoreError::Corrupt`] naming the file, like any other damage.
     pub fn open(path: impl AsRef<Path>, cache_size_bytes: usize) -> Result<Self, StoreError> {
-        Self::open_with(
-            path,
-            cache_size_bytes,
-            commit::file_opener(),
-            CHANNEL_CAPACITY,
-        )
+        Self::open_sealed(path, cache_size_bytes, None)
     }
 
     /// [`Self::open`] with encryption at rest: job records are written sealed with the
@@ -171,16 +170,31 @@ impl RedbStore {
         cache_size_bytes: usize,
         sealer: Option<Arc<Sealer>>,
     ) -> Result<Self, StoreError> {
-        Self::open_inner(
-            path,
-            cache_size_bytes,
-            commit::file_opener(),
-            CHANNEL_CAPACITY,
-            sealer,
-        )
+        let path = path.as_ref();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open_inner(
+                path,
+                cache_size_bytes,
+                commit::file_opener(),
+                CHANNEL_CAPACITY,
+                sealer,
+            )
+        }))
+        .unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!("redb could not read it: {what}"),
+            })
+        })
     }
 
     /// [`Self::open`] with another way to open the read-write database (fault injection).
+    #[cfg(test)]
     pub(crate) fn open_with(
         path: impl AsRef<Path>,
         cache_size_bytes: usize,
@@ -250,7 +264,14 @@ impl RedbStore {
             cache_size: cache_size_bytes,
             opener,
             sealer,
+            full: AtomicBool::new(false),
         });
+        // Space held back for deliveries when the disk fills; without room for it the store
+        // starts in full mode (accepts refused, deliveries go on).
+        if let Err(e) = commit::ensure_reserve(&shared.path, commit::RESERVE_BYTES) {
+            tracing::error!(path = %shared.path.display(), error = %e, "no room for the disk reserve; accepts answer 503 until space returns");
+            shared.full.store(true, Ordering::Release);
+        }
         let (tx, rx) = mpsc::channel(channel_capacity.max(1));
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -280,7 +301,8 @@ impl RedbStore {
         F: FnOnce(&mut ops::Tables<'_>) -> Result<R, TxError> + Send + 'static,
     {
         let sender = self.tx.as_ref().ok_or(StoreError::Closed)?;
-        let (req, rx) = Pending::new(work);
+        // Only enqueues skip waiting for room in the channel, and only they grow the store.
+        let (req, rx) = Pending::new(work, !wait);
         let req: BoxRequest = Box::new(req);
         if wait {
             sender.send(req).await.map_err(|_| StoreError::Closed)?;
@@ -560,7 +582,7 @@ impl JobStore for RedbStore {
     }
 
     fn healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::Acquire)
+        self.shared.healthy.load(Ordering::Acquire) && !self.shared.full.load(Ordering::Acquire)
     }
 }
 
