@@ -76,7 +76,9 @@ LUA
 
 echo "machine: $(nproc) cores, $(uname -r); ${DUR}s per run, 50 connections, wrk on the same machine"
 # The disk's own rate of small synchronous writes, in the directory the queue file uses.
-fsync_s=$( { /usr/bin/time -f %e dd if=/dev/zero of="$work/fsync.probe" bs=4k count=2000 oflag=dsync 2>/dev/null; } 2>&1 | tail -1)
+t0=$(date +%s.%N)
+dd if=/dev/zero of="$work/fsync.probe" bs=4k count=2000 oflag=dsync 2>/dev/null
+fsync_s=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.3f", b-a}')
 rm -f "$work/fsync.probe"
 echo "disk: 2000 synchronous 4 KiB writes in ${fsync_s}s = $(awk -v s="$fsync_s" 'BEGIN {printf "%.0f", 2000/s}') fsyncs/s" | tee "$work/fsync.txt"
 
