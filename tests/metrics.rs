@@ -112,6 +112,17 @@ fn is(text: &str, name: &str, labels: &[(&str, &str)], want: f64) -> bool {
     value(text, name, labels) == Some(want)
 }
 
+/// Asserts every `(family, labels, value)` row against one scrape, naming the row that fails.
+fn expect(text: &str, rows: &[(&str, &[(&str, &str)], f64)]) {
+    for (name, labels, want) in rows {
+        assert!(
+            is(text, name, labels, *want),
+            "{name}{labels:?} = {want} expected; got {:?} in\n{text}",
+            value(text, name, labels)
+        );
+    }
+}
+
 /// Lints a scrape with promtool, as Prometheus' own tooling reads it.
 fn promtool_check(text: &str) {
     let found = Command::new("sh")
@@ -162,12 +173,14 @@ async fn queue_metrics_follow_jobs_from_accept_to_delivery_and_dead_letter() {
     let hooks = [("route", "hooks")];
 
     let text = scrape(&sw).await;
-    assert!(is(
+    expect(
         &text,
-        "spillway_build_info",
-        &[("version", env!("CARGO_PKG_VERSION"))],
-        1.0
-    ));
+        &[(
+            "spillway_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1.0,
+        )],
+    );
     assert!(value(
         &text,
         "spillway_config_last_reload_success_timestamp_seconds",
@@ -175,12 +188,10 @@ async fn queue_metrics_follow_jobs_from_accept_to_delivery_and_dead_letter() {
     )
     .is_some_and(|t| t > 1.0e9));
     assert!(is(&text, "spillway_queue_depth", &hooks, 0.0));
-    assert!(is(
+    expect(
         &text,
-        "spillway_queue_oldest_job_age_seconds",
-        &hooks,
-        0.0
-    ));
+        &[("spillway_queue_oldest_job_age_seconds", &hooks, 0.0)],
+    );
     assert!(value(&text, "spillway_queue_oldest_job_timestamp_seconds", &hooks).is_none());
 
     // Paused, the route accepts but delivers nothing: the jobs wait as `queued`.
@@ -198,18 +209,21 @@ async fn queue_metrics_follow_jobs_from_accept_to_delivery_and_dead_letter() {
     .await;
     assert!(is(&text, "spillway_enqueued_total", &hooks, 2.0));
     assert!(value(&text, "spillway_queue_oldest_job_timestamp_seconds", &hooks).is_some());
-    assert!(is(
+    expect(
         &text,
-        "spillway_requests_total",
-        &[("route", "hooks"), ("mode", "deferred"), ("code", "2xx")],
-        2.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_request_duration_seconds_count",
-        &[("route", "hooks"), ("mode", "deferred")],
-        2.0
-    ));
+        &[
+            (
+                "spillway_requests_total",
+                &[("route", "hooks"), ("mode", "deferred"), ("code", "2xx")],
+                2.0,
+            ),
+            (
+                "spillway_request_duration_seconds_count",
+                &[("route", "hooks"), ("mode", "deferred")],
+                2.0,
+            ),
+        ],
+    );
     assert!(value(&text, "spillway_delivery_attempts_total", &hooks).is_none());
     assert_eq!(up.count(), 0);
 
@@ -243,43 +257,47 @@ async fn queue_metrics_follow_jobs_from_accept_to_delivery_and_dead_letter() {
             "{outcome} {reason} in\n{text}"
         );
     }
-    assert!(is(
+    expect(
         &text,
-        "spillway_retries_total",
         &[
-            ("route", "hooks"),
-            ("mode", "deferred"),
-            ("reason", "status_503")
+            (
+                "spillway_retries_total",
+                &[
+                    ("route", "hooks"),
+                    ("mode", "deferred"),
+                    ("reason", "status_503"),
+                ],
+                1.0,
+            ),
+            (
+                "spillway_dead_lettered_total",
+                &[("route", "hooks"), ("reason", "non_retryable_status")],
+                1.0,
+            ),
         ],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_dead_lettered_total",
-        &[("route", "hooks"), ("reason", "non_retryable_status")],
-        1.0
-    ));
+    );
     assert!(is(&text, "spillway_queue_time_seconds_count", &hooks, 1.0));
     for code in ["503", "200", "400"] {
-        assert!(is(
+        expect(
             &text,
-            "spillway_upstream_requests_total",
-            &[("route", "hooks"), ("mode", "deferred"), ("outcome", code)],
-            1.0
-        ));
+            &[(
+                "spillway_upstream_requests_total",
+                &[("route", "hooks"), ("mode", "deferred"), ("outcome", code)],
+                1.0,
+            )],
+        );
     }
-    assert!(is(
+    expect(
         &text,
-        "spillway_upstream_request_duration_seconds_count",
-        &[("route", "hooks"), ("mode", "deferred")],
-        3.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_queue_oldest_job_age_seconds",
-        &hooks,
-        0.0
-    ));
+        &[
+            (
+                "spillway_upstream_request_duration_seconds_count",
+                &[("route", "hooks"), ("mode", "deferred")],
+                3.0,
+            ),
+            ("spillway_queue_oldest_job_age_seconds", &hooks, 0.0),
+        ],
+    );
     assert!(value(&text, "spillway_queue_oldest_job_timestamp_seconds", &hooks).is_none());
     assert!(is(&text, "spillway_queue_stats_errors_total", &[], 0.0));
     promtool_check(&text);
@@ -313,36 +331,36 @@ async fn passthrough_status_codes_retries_refusals_and_circuit_state_are_counted
             "upstream {outcome} in\n{text}"
         );
     }
-    assert!(is(
+    expect(
         &text,
-        "spillway_retries_total",
-        &[route[0], route[1], ("reason", "status_503")],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_requests_total",
-        &[route[0], route[1], ("code", "2xx")],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_requests_total",
-        &[route[0], route[1], ("code", "4xx")],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_upstream_request_duration_seconds_count",
-        &route,
-        3.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_circuit_state",
-        &[("route", "api"), ("state", "closed")],
-        1.0
-    ));
+        &[
+            (
+                "spillway_retries_total",
+                &[route[0], route[1], ("reason", "status_503")],
+                1.0,
+            ),
+            (
+                "spillway_requests_total",
+                &[route[0], route[1], ("code", "2xx")],
+                1.0,
+            ),
+            (
+                "spillway_requests_total",
+                &[route[0], route[1], ("code", "4xx")],
+                1.0,
+            ),
+            (
+                "spillway_upstream_request_duration_seconds_count",
+                &route,
+                3.0,
+            ),
+            (
+                "spillway_circuit_state",
+                &[("route", "api"), ("state", "closed")],
+                1.0,
+            ),
+        ],
+    );
 
     // Two failures open the breaker; the next request is refused without an attempt.
     for _ in 0..2 {
@@ -355,48 +373,46 @@ async fn passthrough_status_codes_retries_refusals_and_circuit_state_are_counted
     assert_eq!(send(sw.proxy, get("/x", "nowhere.test")).await.status, 403);
 
     let text = scrape(&sw).await;
-    assert!(is(
+    expect(
         &text,
-        "spillway_circuit_state",
-        &[("route", "api"), ("state", "open")],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_circuit_state",
-        &[("route", "api"), ("state", "closed")],
-        0.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_rejected_total",
-        &[("route", "api"), ("reason", "circuit_open")],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_upstream_requests_total",
-        &[route[0], route[1], ("outcome", "500")],
-        2.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_requests_total",
-        &[route[0], route[1], ("code", "5xx")],
-        3.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_requests_total",
-        &[("route", "(none)"), ("mode", "none"), ("code", "4xx")],
-        1.0
-    ));
-    assert!(is(
-        &text,
-        "spillway_rejected_total",
-        &[("route", "(none)"), ("reason", "no_route")],
-        1.0
-    ));
+        &[
+            (
+                "spillway_circuit_state",
+                &[("route", "api"), ("state", "open")],
+                1.0,
+            ),
+            (
+                "spillway_circuit_state",
+                &[("route", "api"), ("state", "closed")],
+                0.0,
+            ),
+            (
+                "spillway_rejected_total",
+                &[("route", "api"), ("reason", "circuit_open")],
+                1.0,
+            ),
+            (
+                "spillway_upstream_requests_total",
+                &[route[0], route[1], ("outcome", "500")],
+                2.0,
+            ),
+            (
+                "spillway_requests_total",
+                &[route[0], route[1], ("code", "5xx")],
+                3.0,
+            ),
+            (
+                "spillway_requests_total",
+                &[("route", "(none)"), ("mode", "none"), ("code", "4xx")],
+                1.0,
+            ),
+            (
+                "spillway_rejected_total",
+                &[("route", "(none)"), ("reason", "no_route")],
+                1.0,
+            ),
+        ],
+    );
     assert_eq!(up.count(), 5);
     promtool_check(&text);
 
@@ -427,12 +443,10 @@ async fn a_rejected_reload_counts_an_error_and_a_good_one_moves_the_timestamp() 
         &[],
     )
     .unwrap();
-    assert!(is(
+    expect(
         &text,
-        "spillway_config_last_reload_successful",
-        &[],
-        1.0
-    ));
+        &[("spillway_config_last_reload_successful", &[], 1.0)],
+    );
     assert!(is(&text, "spillway_config_reload_errors_total", &[], 0.0));
 
     // A new file is renamed over the old (the watcher sees it) and SIGHUP asks as well:
@@ -452,12 +466,10 @@ async fn a_rejected_reload_counts_an_error_and_a_good_one_moves_the_timestamp() 
         value(text, "spillway_config_reload_errors_total", &[]).is_some_and(|n| n >= 1.0)
     })
     .await;
-    assert!(is(
+    expect(
         &text,
-        "spillway_config_last_reload_successful",
-        &[],
-        0.0
-    ));
+        &[("spillway_config_last_reload_successful", &[], 0.0)],
+    );
     assert!(is(
         &text,
         "spillway_config_last_reload_success_timestamp_seconds",
@@ -512,12 +524,14 @@ routes:
         is(text, "spillway_queue_orphaned", &[("route", "hooks")], 1.0)
     })
     .await;
-    assert!(is(
+    expect(
         &text,
-        "spillway_queue_depth",
-        &[("route", "hooks"), ("state", "queued")],
-        1.0
-    ));
+        &[(
+            "spillway_queue_depth",
+            &[("route", "hooks"), ("state", "queued")],
+            1.0,
+        )],
+    );
     assert_eq!(up.count(), 0);
     promtool_check(&text);
 }
