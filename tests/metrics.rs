@@ -112,8 +112,11 @@ fn is(text: &str, name: &str, labels: &[(&str, &str)], want: f64) -> bool {
     value(text, name, labels) == Some(want)
 }
 
-/// Asserts every `(family, labels, value)` row against one scrape, naming the row that fails.
-fn expect(text: &str, rows: &[(&str, &[(&str, &str)], f64)]) {
+/// One expected sample: family, labels, value.
+type Sample<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
+/// Asserts every expected sample against one scrape, naming the one that fails.
+fn expect(text: &str, rows: &[Sample<'_>]) {
     for (name, labels, want) in rows {
         assert!(
             is(text, name, labels, *want),
