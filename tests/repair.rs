@@ -54,7 +54,11 @@ async fn admin_post(sw: &Spillway, path: &str) -> u16 {
 
 /// A stopped spillway whose store holds `JOBS` queued jobs of a paused route.
 async fn populated(up: &FaultyUpstream) -> (Spillway, Vec<String>) {
-    let mut sw = Spillway::start(&config(up.addr));
+    fill(Spillway::start(&config(up.addr))).await
+}
+
+/// Queues `JOBS` jobs on a paused route, then stops spillway.
+async fn fill(mut sw: Spillway) -> (Spillway, Vec<String>) {
     assert_eq!(admin_post(&sw, "/routes/hooks/pause").await, 200);
     let mut keys = Vec::new();
     for i in 0..JOBS {
@@ -296,4 +300,45 @@ async fn a_second_instance_on_the_same_file_is_refused_and_the_first_keeps_worki
         up.count() == 2
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_truncated_encrypted_store_is_repaired_with_its_keys_and_stays_sealed() {
+    let up = FaultyUpstream::start(|_, _| Fault::status(200)).await;
+    // The key lives in a file outside the store's directory (which repair keeps tidy).
+    let secrets = tempfile::tempdir().unwrap();
+    let key_file = secrets.path().join("k1");
+    std::fs::write(&key_file, format!("{}\n", "ab".repeat(32))).unwrap();
+    let sealed = config(up.addr).replace(
+        "storage: { path: '{data}/queue.redb' }",
+        &format!(
+            "storage:\n  path: '{{data}}/queue.redb'\n  encryption:\n    keys: [{{ id: k1, file: '{}' }}]",
+            key_file.display()
+        ),
+    );
+    let (mut sw, keys) = fill(Spillway::start(&sealed)).await;
+    let file = store(&sw);
+    // No body reaches the file in clear, before or after the repair.
+    let clear_body = "x".repeat(200);
+    let in_clear = |file: &Path| {
+        let bytes = std::fs::read(file).unwrap();
+        bytes
+            .windows(clear_body.len())
+            .any(|w| w == clear_body.as_bytes())
+    };
+    assert!(!in_clear(&file));
+    let len = std::fs::metadata(&file).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(len * 6 / 10).unwrap();
+    drop(f);
+    refuses_to_start(&sw, "spillway repair");
+    let saved = repairs(&sw);
+    eprintln!(
+        "sealed store truncated to 60%: {} of {JOBS} jobs saved",
+        saved.0
+    );
+    assert!(saved.0 >= JOBS / 3, "only {} saved", saved.0);
+    assert!(!in_clear(&file), "repair wrote bodies in clear");
+    // Delivered with their bodies, so they were opened with the key and sealed again.
+    delivers_the_saved_jobs(&mut sw, &up, &keys, saved).await;
 }

@@ -10,7 +10,10 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::queue::redb::repair::{repair, RepairError, RepairReport};
+use std::sync::Arc;
+
+use crate::queue::crypt::Sealer;
+use crate::queue::redb::repair::{repair_with, RepairError, RepairReport};
 use crate::queue::StoreError;
 
 #[derive(Args, Debug)]
@@ -25,10 +28,18 @@ pub struct RepairArgs {
 }
 
 pub fn run(args: RepairArgs) -> ExitCode {
-    let path = match (&args.path, &args.config) {
-        (Some(p), _) => p.clone(),
+    let (path, sealer) = match (&args.path, &args.config) {
+        (Some(p), _) => (p.clone(), None),
         (None, Some(c)) => match crate::config::load(c) {
-            Ok(config) => config.storage.path,
+            // With the config come its encryption keys, so sealed jobs are saved too.
+            Ok(config) => match config.storage.encryption.as_ref().map(Sealer::load) {
+                None => (config.storage.path, None),
+                Some(Ok(s)) => (config.storage.path, Some(Arc::new(s))),
+                Some(Err(e)) => {
+                    eprintln!("spillway repair: {e}");
+                    return ExitCode::from(1);
+                }
+            },
             Err(errs) => {
                 eprintln!("{errs}");
                 return ExitCode::from(1);
@@ -43,7 +54,7 @@ pub fn run(args: RepairArgs) -> ExitCode {
     // default hook would print each caught panic as if the program had crashed.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let result = repair(&path);
+    let result = repair_with(&path, sealer);
     std::panic::set_hook(hook);
     match result {
         Ok(report) => {

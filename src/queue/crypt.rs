@@ -70,6 +70,8 @@ struct Key {
     id: String,
     // Zeroes its key on drop (the crate's `zeroize` feature).
     cipher: XChaCha20Poly1305,
+    /// For [`Sealer::peek_in_place`] only.
+    raw: Zeroizing<[u8; KEY_LEN]>,
 }
 
 /// The configured keys; seals with the primary, opens with any.
@@ -171,7 +173,11 @@ impl Sealer {
                 return Err(KeyError::Duplicate { id });
             }
             let cipher = XChaCha20Poly1305::new(&(*key).into());
-            out.push(Key { id, cipher });
+            out.push(Key {
+                id,
+                cipher,
+                raw: key,
+            });
         }
         let primary =
             out.iter()
@@ -213,6 +219,34 @@ impl Sealer {
             .encrypt_inout_detached(&XNonce::from(*nonce), associated, buf.into())
             .map_err(|_| "encryption failed (record too large)".to_string())?;
         Ok(tag.into())
+    }
+
+    /// Decrypts `buf` in place with the key `key_id` WITHOUT checking the tag: the sealed
+    /// part's length is not stored, and a raw scan of a damaged file learns where it ends by
+    /// parsing the decrypted prefix. Nothing read this way is trusted: the record is then
+    /// opened with [`Sealer::open_in_place`], which checks the tag.
+    pub fn peek_in_place(
+        &self,
+        key_id: &str,
+        nonce: &[u8; NONCE_LEN],
+        buf: &mut [u8],
+    ) -> Result<(), OpenError> {
+        use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
+        let key = self.key(key_id)?;
+        let mut stream = chacha20::XChaCha20::new(&(*key.raw).into(), &(*nonce).into());
+        // The AEAD spends the first keystream block on the Poly1305 key (RFC 8439 2.8).
+        stream.seek(64u64);
+        stream.apply_keystream(buf);
+        Ok(())
+    }
+
+    fn key(&self, key_id: &str) -> Result<&Key, OpenError> {
+        self.keys
+            .iter()
+            .find(|k| k.id == key_id)
+            .ok_or_else(|| OpenError::MissingKey {
+                key_id: key_id.to_owned(),
+            })
     }
 
     /// Decrypts `buf` in place with the key `key_id`, checking `tag` and `associated`.

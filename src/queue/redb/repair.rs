@@ -11,7 +11,9 @@
 //! in free pages) the most recently updated wins. A raw scan cannot tell a job purged or
 //! deleted shortly before the damage from a live one, so such a job may come back (and be
 //! delivered again under its own idempotency key); route pauses and quota counts are not
-//! recovered by it.
+//! recovered by it. Sealed records (encryption at rest) are read only with the keys
+//! ([`repair_with`]); their tag is the integrity check, and the raw scan finds where one ends
+//! by decrypting its prefix until it parses.
 //!
 //! Every job, idempotency key, route pause and quota count recovered is written into a fresh
 //! file through the same code the store uses (indexes and counters rebuilt, not copied). Then
@@ -32,10 +34,12 @@ use sha2::{Digest, Sha256};
 
 use super::ops::{self, Tables, TxError};
 use super::schema::{
-    self, decode_idem, decode_job, decode_route, encode_idem, encode_route, IdemRecordV1,
+    self, decode_idem, decode_job_with, decode_route, encode_idem, encode_route, IdemRecordV1,
     SCHEMA_VERSION, SCHEMA_VERSION_KEY,
 };
+use crate::queue::crypt::Sealer;
 use crate::queue::{Job, JobState};
+use std::sync::Arc;
 
 /// Jobs written per transaction of the fresh file.
 const CHUNK: usize = 1000;
@@ -168,6 +172,13 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 /// Repairs the store at `path`; see the module docs. The damaged file is renamed only once
 /// the fresh one is fully written and synced.
 pub fn repair(path: &Path) -> Result<RepairReport, RepairError> {
+    repair_with(path, None)
+}
+
+/// [`repair`] with the keys of `storage.encryption`: sealed records are opened (which also
+/// proves them intact) and written sealed again, under the primary key. Without keys they
+/// are reported as skipped and stay in the kept original.
+pub fn repair_with(path: &Path, sealer: Option<Arc<Sealer>>) -> Result<RepairReport, RepairError> {
     let meta = match fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -212,11 +223,14 @@ pub fn repair(path: &Path) -> Result<RepairReport, RepairError> {
     let mut notes = Vec::new();
     let (found, method) = match open_damaged(path, work.path(), &mut notes)? {
         Some((db, method)) => {
-            let found = read_tree(&db, path, &mut notes);
+            let found = read_tree(&db, path, sealer.as_deref(), &mut notes);
             drop(db);
             (found?, method)
         }
-        None => (scan_raw(path, &mut notes)?, "raw scan for job records"),
+        None => (
+            scan_raw(path, sealer.as_deref(), &mut notes)?,
+            "raw scan for job records",
+        ),
     };
     drop(work);
     if found.jobs.is_empty() && found.jobs_skipped == 0 && method == "raw scan for job records" {
@@ -226,7 +240,7 @@ pub fn repair(path: &Path) -> Result<RepairReport, RepairError> {
         });
     }
     let fresh_path = stamped(path, "repairing");
-    let result = write_fresh(found, &fresh_path);
+    let result = write_fresh(found, &fresh_path, sealer);
     let mut report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -332,14 +346,15 @@ fn write_error(path: &Path) -> impl Fn(TxError) -> RepairError + '_ {
 fn write<R>(
     db: &Database,
     path: &Path,
+    sealer: Option<&Arc<Sealer>>,
     f: impl FnOnce(&mut Tables<'_>) -> Result<R, TxError>,
 ) -> Result<R, RepairError> {
     let run = || -> Result<R, TxError> {
         let mut tx = db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
         let r = {
-            // Records are written unsealed: repair reads only unsealed ones (sealed ones are reported as skipped; the damaged original is kept).
-            let mut tables = Tables::open(&tx, None)?;
+            // Sealed again when the keys are at hand; otherwise only unsealed records were read.
+            let mut tables = Tables::open(&tx, sealer.cloned())?;
             let r = f(&mut tables)?;
             tables.finish()?;
             r
@@ -446,7 +461,12 @@ struct Found {
 }
 
 /// Reads every readable record of an open (possibly damaged) store.
-fn read_tree(old: &Database, path: &Path, notes: &mut Vec<String>) -> Result<Found, RepairError> {
+fn read_tree(
+    old: &Database,
+    path: &Path,
+    sealer: Option<&Sealer>,
+    notes: &mut Vec<String>,
+) -> Result<Found, RepairError> {
     let unreadable = |message: String| RepairError::Unreadable {
         path: path.to_path_buf(),
         message,
@@ -471,7 +491,7 @@ fn read_tree(old: &Database, path: &Path, notes: &mut Vec<String>) -> Result<Fou
 
     let mut out = Found::default();
     for r in read_jobs(&tx, notes) {
-        match decode_job(&r) {
+        match decode_job_with(&r, sealer) {
             Ok(j) => out.jobs.push(j),
             Err(_) => out.jobs_skipped += 1,
         }
@@ -524,7 +544,11 @@ fn rank(j: &Job) -> (u64, u32, u8) {
 }
 
 /// Scans the file's bytes for job records whose fingerprint matches; see the module docs.
-fn scan_raw(path: &Path, notes: &mut Vec<String>) -> Result<Found, RepairError> {
+fn scan_raw(
+    path: &Path,
+    sealer: Option<&Sealer>,
+    notes: &mut Vec<String>,
+) -> Result<Found, RepairError> {
     use std::io::{Seek, SeekFrom};
     let mut file = fs::File::open(path).map_err(io(path))?;
     let len = file.metadata().map_err(io(path))?.len();
@@ -540,11 +564,11 @@ fn scan_raw(path: &Path, notes: &mut Vec<String>) -> Result<Found, RepairError> 
             .read_to_end(&mut buf)
             .map_err(io(path))?;
         for off in 0..buf.len() {
-            // Every record starts with its version byte.
-            if buf[off] != 1 {
+            // Every record starts with its version byte; sealed ones (2) open only with keys.
+            if buf[off] != 1 && !(buf[off] == 2 && sealer.is_some()) {
                 continue;
             }
-            let Ok(job) = decode_job(&buf[off..]) else {
+            let Ok(job) = schema::decode_job_prefix(&buf[off..], sealer) else {
                 continue;
             };
             if job.id.as_uuid().get_version_num() != 7 || job.route.is_empty() {
@@ -592,7 +616,11 @@ fn scan_raw(path: &Path, notes: &mut Vec<String>) -> Result<Found, RepairError> 
 const REBUILT_KEY_WINDOW_MS: u64 = 24 * 3600 * 1000;
 
 /// Writes what was found into a fresh store at `fresh`.
-fn write_fresh(found: Found, fresh: &Path) -> Result<RepairReport, RepairError> {
+fn write_fresh(
+    found: Found,
+    fresh: &Path,
+    sealer: Option<Arc<Sealer>>,
+) -> Result<RepairReport, RepairError> {
     let Found {
         jobs,
         jobs_skipped,
@@ -625,10 +653,10 @@ fn write_fresh(found: Found, fresh: &Path) -> Result<RepairReport, RepairError> 
 
     let mut saved: HashMap<u128, (String, String, JobState, u64, [u8; 32])> = HashMap::new();
     for chunk in jobs.chunks(CHUNK) {
-        write(&db, fresh, |t| {
+        write(&db, fresh, sealer.as_ref(), |t| {
             for j in chunk {
                 // A record twice (read from both ends) is written once.
-                if ops::load_job(&t.jobs, None, j.id)?.is_some() {
+                if t.jobs.get(j.id.as_u128())?.is_some() {
                     continue;
                 }
                 ops::put_job(t, None, Some(j))?;
@@ -685,7 +713,7 @@ fn write_fresh(found: Found, fresh: &Path) -> Result<RepairReport, RepairError> 
         report.keys_rebuilt += 1;
     }
     for chunk in keep.chunks(CHUNK) {
-        write(&db, fresh, |t| {
+        write(&db, fresh, sealer.as_ref(), |t| {
             for ((route, key), rec) in chunk {
                 t.idem
                     .insert((route.as_str(), key.as_str()), encode_idem(rec).as_slice())?;
@@ -701,7 +729,7 @@ fn write_fresh(found: Found, fresh: &Path) -> Result<RepairReport, RepairError> 
         })?;
     }
 
-    write(&db, fresh, |t| {
+    write(&db, fresh, sealer.as_ref(), |t| {
         for (route, rec) in &routes {
             match rec {
                 Some(rec) => {

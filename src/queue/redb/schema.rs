@@ -484,6 +484,45 @@ fn decode_sealed(bytes: &[u8], sealer: Option<&Sealer>) -> Result<Job, DecodeErr
     Ok(job)
 }
 
+/// How far [`decode_job_prefix`] decrypts looking for a sealed part's end.
+const MAX_SEALED_SCAN: usize = 64 << 20;
+
+/// A job record at the start of `bytes`, which may run on past its end (a raw scan of a
+/// damaged file), and the record's length. A sealed record does not store its length: the
+/// prefix of its sealed part is decrypted until it parses, then the record is opened (and
+/// its tag checked) at that length.
+pub fn decode_job_prefix(bytes: &[u8], sealer: Option<&Sealer>) -> Result<Job, DecodeError> {
+    if bytes.first() != Some(&RECORD_V2_SEALED) {
+        return decode_job(bytes);
+    }
+    let Some(sealer) = sealer else {
+        return decode_sealed(bytes, None);
+    };
+    let (head, sealed) = split_sealed(bytes)?;
+    // Ids are UUIDv7: a cheap test that keeps random bytes from costing a decryption.
+    if JobId::from_u128(head.id).as_uuid().get_version_num() != 7 {
+        return Err(DecodeError::Malformed("not a job id".into()));
+    }
+    let head_len = bytes.len() - sealed.len();
+    // No sealed part is larger than a body limit allows; past that it is not a record.
+    let max = (sealed.len() - TAG_LEN).min(MAX_SEALED_SCAN);
+    let mut want = max.min(4096);
+    loop {
+        let mut buf = sealed[..want].to_vec();
+        sealer.peek_in_place(head.key_id, &head.nonce, &mut buf)?;
+        match postcard::take_from_bytes::<SealedV2>(&buf) {
+            Ok((_, rest)) => {
+                let len = head_len + want - rest.len() + TAG_LEN;
+                return decode_sealed(&bytes[..len], Some(sealer));
+            }
+            Err(postcard::Error::DeserializeUnexpectedEnd) if want < max => {
+                want = max.min(want * 4);
+            }
+            Err(e) => return Err(malformed("sealed record", e)),
+        }
+    }
+}
+
 /// What can be read of a job record without its key: for an unsealed record the whole job;
 /// for a sealed one the job with uri, headers and bodies empty, and the id of its key.
 pub fn decode_job_head(bytes: &[u8]) -> Result<(Job, Option<String>), DecodeError> {
@@ -696,6 +735,28 @@ mod tests {
         assert_eq!(decode_job_with(&bytes, Some(&s)).unwrap(), job);
         // Fresh nonce per record: the same job seals differently each time.
         assert_ne!(encode_job_with(&job, Some(&s)).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_sealed_record_followed_by_other_bytes_is_found_at_its_own_length() {
+        let s = sealer(&[("k1", 1)], "k1");
+        let mut job = sample();
+        // Larger than the first prefix tried, so the prefix has to grow.
+        job.body = vec![7u8; 10_000].into();
+        for tail in [&[][..], &[0u8; 3][..], &[0xAB; 20_000][..]] {
+            let mut bytes = encode_job_with(&job, Some(&s)).unwrap();
+            bytes.extend_from_slice(tail);
+            assert_eq!(decode_job_prefix(&bytes, Some(&s)).unwrap(), job);
+        }
+        // One flipped byte inside the sealed part: the tag check still refuses it.
+        let mut bytes = encode_job_with(&job, Some(&s)).unwrap();
+        let n = bytes.len();
+        bytes[n - 100] ^= 1;
+        bytes.extend_from_slice(&[0u8; 64]);
+        assert!(decode_job_prefix(&bytes, Some(&s)).is_err());
+        // Unsealed records decode as they always did.
+        let v1 = encode_job(&job);
+        assert_eq!(decode_job_prefix(&v1, Some(&s)).unwrap(), job);
     }
 
     #[test]
