@@ -1,4 +1,5 @@
-//! The accept loop: a connection cap, hyper's header-read timeout and head-size limit,
+//! The accept loop: a connection cap, the header-read timeout (from the first byte by
+//! hyper, and before it by a wait of our own), hyper's head-size limit,
 //! the framing scanner, requests per connection, and a graceful drain that lets
 //! in-flight requests finish.
 
@@ -70,40 +71,71 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        // The framing scanner sees each request head before hyper hands it to us.
-        let (stream, verdicts) = Sniffed::new(stream);
-        let max_requests = proxy.max_requests_per_connection();
-        let served = Arc::new(AtomicU64::new(0));
-        let svc = service_fn(move |mut req: Request<Incoming>| {
-            // HTTP/1 serves one request at a time, in arrival order: the count matches
-            // the scanner's. (HTTP/2 has no smuggling frame; its count is only a limit.)
-            let n = served.fetch_add(1, Ordering::Relaxed) + 1;
-            if verdicts.ambiguous(n) && req.version() < Version::HTTP_2 {
-                req.extensions_mut().insert(AmbiguousFrame);
-            }
-            // A tunnel takes the connection over anyway; its 200 must stay an upgrade.
-            let last = n >= max_requests && req.method() != Method::CONNECT;
-            let proxy = proxy.clone();
-            async move {
-                let mut rsp = proxy.serve(req).await;
-                if last {
-                    // hyper closes an HTTP/1 connection after an answer that says so
-                    // (and drops the header on HTTP/2).
-                    rsp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                Ok::<_, Infallible>(rsp)
-            }
-        });
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let first_byte = limits.header_read_timeout;
+        let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let mut one = [0u8; 1];
+            // hyper starts its header-read timer at the first byte, so a client that
+            // connects and never writes would hold a permit forever: bound that wait too.
+            tokio::select! {
+                // peek leaves the byte for hyper; 0 (EOF) is hyper's to see as well.
+                r = tokio::time::timeout(first_byte, stream.peek(&mut one)) => match r {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "connection failed before its first byte");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "no request within the header-read timeout");
+                        return;
+                    }
+                },
+                _ = stop.cancelled() => return,
             }
+            serve_one(stream, peer, proxy, builder, watcher).await;
         });
     }
     graceful
+}
+
+/// Serves one accepted connection until it closes.
+async fn serve_one(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    // The framing scanner sees each request head before hyper hands it to us.
+    let (stream, verdicts) = Sniffed::new(stream);
+    let max_requests = proxy.max_requests_per_connection();
+    let served = Arc::new(AtomicU64::new(0));
+    let svc = service_fn(move |mut req: Request<Incoming>| {
+        // HTTP/1 serves one request at a time, in arrival order: the count matches
+        // the scanner's. (HTTP/2 has no smuggling frame; its count is only a limit.)
+        let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+        if verdicts.ambiguous(n) && req.version() < Version::HTTP_2 {
+            req.extensions_mut().insert(AmbiguousFrame);
+        }
+        // A tunnel takes the connection over anyway; its 200 must stay an upgrade.
+        let last = n >= max_requests && req.method() != Method::CONNECT;
+        let proxy = proxy.clone();
+        async move {
+            let mut rsp = proxy.serve(req).await;
+            if last {
+                // hyper closes an HTTP/1 connection after an answer that says so
+                // (and drops the header on HTTP/2).
+                rsp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(rsp)
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }
