@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -113,9 +112,24 @@ impl App {
             Some(Arc::new(store))
         };
 
+        // The backlog holds clients waiting for a connection slot; the default (128) is
+        // small next to `limits.max_connections` (the kernel caps it at somaxconn).
+        let backlog = u32::try_from(config.limits.max_connections)
+            .unwrap_or(u32::MAX)
+            .max(128);
         let bind = |name: &'static str, addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            };
+            socket
+                .and_then(|s| {
+                    // As std's bind does, so a restart can take the port at once.
+                    s.set_reuseaddr(true)?;
+                    s.bind(addr)?;
+                    s.listen(backlog)
+                })
                 .map_err(|source| AppError::Bind { name, addr, source })
         };
         let proxy_listener = bind("proxy", config.listen).await?;

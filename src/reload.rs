@@ -14,7 +14,7 @@
 //! - **Needs a restart** (logged per key, the running value stays, the rest still applies):
 //!   `listen`, `admin.listen`, `admin.token_env`, `storage.*`, and the limits bound into the
 //!   listener: `limits.max_connections`, `limits.header_read_timeout`,
-//!   `limits.max_header_bytes`, `limits.max_tunnels`. Storage opens at startup, and only when
+//!   `limits.idle_timeout`, `limits.max_header_bytes`, `limits.max_tunnels`. Storage opens at startup, and only when
 //!   some route is deferrable: a route made deferrable while no store is open keeps its old
 //!   definition (a route new in the file is left out) until a restart. Opening the store
 //!   lazily was left out on purpose: the admin API and readiness are wired to the store at
@@ -637,6 +637,7 @@ fn effective(old: &Config, mut new: Config, store_open: bool) -> (Config, Vec<St
     keep!("storage.nats", storage.nats);
     keep!("limits.max_connections", limits.max_connections);
     keep!("limits.header_read_timeout", limits.header_read_timeout);
+    keep!("limits.idle_timeout", limits.idle_timeout);
     keep!("limits.max_header_bytes", limits.max_header_bytes);
     keep!("limits.max_tunnels", limits.max_tunnels);
     if !store_open {

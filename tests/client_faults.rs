@@ -315,3 +315,52 @@ async fn a_crowd_of_idle_connections_keeps_fds_bounded_and_is_reaped() {
     let after = send(sw.proxy, get("/after", "api.test")).await;
     assert_eq!(after.status, 200);
 }
+
+#[tokio::test]
+async fn a_keep_alive_connection_idle_between_requests_is_closed() {
+    let up = ok_upstream().await;
+    let sw = Spillway::start(&config(up.addr, "idle_timeout: 300ms"));
+    let mut s = TcpStream::connect(sw.proxy).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .unwrap();
+    // The answer comes, the connection stays open for more, then idles out.
+    let got = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    let text = got.expect("a keep-alive connection stayed open past limits.idle_timeout");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text:?}");
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
+async fn an_http2_connection_is_sent_away_after_max_requests_per_connection() {
+    let up = ok_upstream().await;
+    let sw = Spillway::start(&config(up.addr, "max_requests_per_connection: 3"));
+    let stream = TcpStream::connect(sw.proxy).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = || {
+        Request::get("http://api.test/h2")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // The limit's own requests are all answered...
+    for _ in 0..3 {
+        let rsp = tx.send_request(req()).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+    }
+    // ...then a GOAWAY ends the connection: the client sees it close cleanly, and the
+    // next request has to come on a new one.
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the HTTP/2 connection stayed open past its request limit")
+        .unwrap()
+        .unwrap();
+    assert!(tx.send_request(req()).await.is_err());
+    assert_eq!(up.count(), 3);
+}

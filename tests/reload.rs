@@ -274,9 +274,14 @@ async fn jobs_of_a_removed_route_stay_stored_and_deliver_when_it_returns() {
 
     rewrite(&sw, &config(std::slice::from_ref(&other)));
     sighup(&sw);
-    eventually("the route's dispatcher stops", || async {
-        !log_lines(&sw, "dispatcher stopped").is_empty()
-    })
+    // The dispatcher stops while the reload applies; the reload is logged after that.
+    eventually(
+        "the route's dispatcher stops and the reload is logged",
+        || async {
+            !log_lines(&sw, "dispatcher stopped").is_empty()
+                && !log_lines(&sw, "config reloaded").is_empty()
+        },
+    )
     .await;
     let reloaded = &log_lines(&sw, "config reloaded")[0];
     assert_eq!(reloaded["removed"], r#"["hooks"]"#);

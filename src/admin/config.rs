@@ -62,6 +62,7 @@ pub fn render(c: &Config, token_set: bool) -> Value {
             "body_read_timeout": dur(l.body_read_timeout),
             "max_tunnels": l.max_tunnels,
             "tunnel_idle_timeout": dur(l.tunnel_idle_timeout),
+            "idle_timeout": dur(l.idle_timeout),
             "max_requests_per_connection": l.max_requests_per_connection,
         },
         "unmatched": match c.unmatched { Unmatched::Reject => "reject", Unmatched::Passthrough => "passthrough" },

@@ -116,9 +116,12 @@ pub struct Limits {
     pub max_tunnels: usize,
     /// A tunnel with no bytes in either direction for this long is closed. Default 5m.
     pub tunnel_idle_timeout: Duration,
-    /// An HTTP/1.1 connection is closed after answering this many requests (the last
-    /// answer carries `Connection: close`), so one client cannot pin a connection
-    /// forever and load spreads after a deploy. Default 1000.
+    /// A client connection with no request in flight for this long is closed (keep-alive
+    /// between requests, an HTTP/2 connection with no open stream). Default 60s.
+    pub idle_timeout: Duration,
+    /// A connection is closed after answering this many requests (HTTP/1.1: the last
+    /// answer carries `Connection: close`; HTTP/2: a GOAWAY once it is reached), so one
+    /// client cannot pin a connection forever and load spreads after a deploy. Default 1000.
     pub max_requests_per_connection: u64,
 }
 
@@ -132,6 +135,7 @@ impl Default for Limits {
             body_read_timeout: Duration::from_secs(30),
             max_tunnels: 256,
             tunnel_idle_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(60),
             max_requests_per_connection: 1000,
         }
     }

@@ -77,6 +77,7 @@ pub(super) struct RawLimits {
     pub body_read_timeout: Option<S<Scalar>>,
     pub max_tunnels: Option<S<i64>>,
     pub tunnel_idle_timeout: Option<S<Scalar>>,
+    pub idle_timeout: Option<S<Scalar>>,
     pub max_requests_per_connection: Option<S<i64>>,
 }
 

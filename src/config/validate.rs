@@ -781,6 +781,11 @@ impl Cx<'_> {
                 "limits.tunnel_idle_timeout",
                 d.tunnel_idle_timeout,
             ),
+            idle_timeout: self.positive_duration(
+                &raw.idle_timeout,
+                "limits.idle_timeout",
+                d.idle_timeout,
+            ),
             max_requests_per_connection: match &raw.max_requests_per_connection {
                 Some(v) => self
                     .int(
