@@ -146,6 +146,18 @@ fn repairs(sw: &Spillway) -> (usize, bool) {
     (saved, raw)
 }
 
+/// Cuts the store to 60% of its length; `spillway run` refuses it, `spillway repair` saves
+/// what is left.
+fn truncated_then_repaired(sw: &Spillway) -> (usize, bool) {
+    let file = store(sw);
+    let len = std::fs::metadata(&file).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(len * 6 / 10).unwrap();
+    drop(f);
+    refuses_to_start(sw, "spillway repair");
+    repairs(sw)
+}
+
 /// After repair: spillway starts, the pause survived, and on resume every saved job is
 /// delivered (and nothing that was not sent).
 async fn delivers_the_saved_jobs(
@@ -188,13 +200,7 @@ async fn delivers_the_saved_jobs(
 async fn a_truncated_store_is_refused_then_repaired_and_its_readable_jobs_delivered() {
     let up = FaultyUpstream::start(|_, _| Fault::status(200)).await;
     let (mut sw, keys) = populated(&up).await;
-    let file = store(&sw);
-    let len = std::fs::metadata(&file).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
-    f.set_len(len * 6 / 10).unwrap();
-    drop(f);
-    refuses_to_start(&sw, "spillway repair");
-    let saved = repairs(&sw);
+    let saved = truncated_then_repaired(&sw);
     eprintln!("truncated to 60%: {} of {JOBS} jobs saved", saved.0);
     // The jobs in the 60% that is left are intact.
     assert!(saved.0 >= JOBS / 3, "only {} saved", saved.0);
@@ -327,12 +333,7 @@ async fn a_truncated_encrypted_store_is_repaired_with_its_keys_and_stays_sealed(
             .any(|w| w == clear_body.as_bytes())
     };
     assert!(!in_clear(&file));
-    let len = std::fs::metadata(&file).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
-    f.set_len(len * 6 / 10).unwrap();
-    drop(f);
-    refuses_to_start(&sw, "spillway repair");
-    let saved = repairs(&sw);
+    let saved = truncated_then_repaired(&sw);
     eprintln!(
         "sealed store truncated to 60%: {} of {JOBS} jobs saved",
         saved.0
