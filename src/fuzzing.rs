@@ -138,7 +138,10 @@ pub fn target(data: &[u8]) {
     assert_eq!(t.host, t.host.to_ascii_lowercase(), "host is lowercase");
     let _ = t.path();
     if t.connect {
-        assert!(t.port.is_some() && !t.host.is_empty(), "CONNECT has host:port");
+        assert!(
+            t.port.is_some() && !t.host.is_empty(),
+            "CONNECT has host:port"
+        );
     } else {
         assert!(t.path_and_query.starts_with('/'), "path is origin-form");
     }
@@ -149,7 +152,10 @@ pub fn target(data: &[u8]) {
         assert!(auth.is_some(), "authority() re-parses: {:?}", t.authority());
         if let Some(a) = auth {
             assert_eq!(
-                a.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase(),
+                a.host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_ascii_lowercase(),
                 t.host
             );
             assert_eq!(a.port_u16(), t.port);
