@@ -55,11 +55,17 @@ fn split_authority(auth: &str) -> Result<(String, Option<u16>), TargetError> {
             "userinfo is not allowed in the authority",
         ));
     }
-    let host = parsed
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase();
+    // Brackets only enclose a whole IPv6 literal; the http crate lets stray ones through
+    // (`;[:1]`, found by fuzzing), which would name no real host.
+    let raw = parsed.host();
+    let host = match raw.strip_prefix('[') {
+        Some(inner) => inner.strip_suffix(']').unwrap_or(raw),
+        None => raw,
+    };
+    if host.contains(['[', ']']) {
+        return Err(TargetError::Invalid("the authority's host is not valid"));
+    }
+    let host = host.to_ascii_lowercase();
     if host.is_empty() {
         return Err(TargetError::Invalid("the authority has no host"));
     }
@@ -162,6 +168,18 @@ mod tests {
             b = b.header("host", h);
         }
         b.body(()).unwrap()
+    }
+
+    // Fuzz finding (fuzz target `target`): the http crate parses `;[:!!!!!!!!!!:1]` as an
+    // authority; its host must be refused, not passed on as `;[:!!!!!!!!!!:1`.
+    #[test]
+    fn stray_brackets_in_host_are_refused() {
+        let r = req("GET", "https://;[:!!!!!!!!!!:1]/x", None);
+        assert!(matches!(normalise(&r), Err(TargetError::Invalid(_))));
+        let r = req("GET", "/x", Some("a[b]"));
+        assert!(matches!(normalise(&r), Err(TargetError::Invalid(_))));
+        let t = normalise(&req("GET", "http://[::1]:8080/", None)).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", Some(8080)));
     }
 
     #[test]
