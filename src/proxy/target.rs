@@ -55,11 +55,14 @@ fn split_authority(auth: &str) -> Result<(String, Option<u16>), TargetError> {
             "userinfo is not allowed in the authority",
         ));
     }
-    // Brackets only enclose a whole IPv6 literal; the http crate lets stray ones through
-    // (`;[:1]`, found by fuzzing), which would name no real host.
+    // Brackets only enclose a whole IPv6 address; the http crate lets stray ones and other
+    // bracketed text through (`;[:1]`, `[%%]`, found by fuzzing), which name no real host.
     let raw = parsed.host();
     let host = match raw.strip_prefix('[') {
-        Some(inner) => inner.strip_suffix(']').unwrap_or(raw),
+        Some(inner) => inner
+            .strip_suffix(']')
+            .filter(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+            .ok_or(TargetError::Invalid("the authority's host is not valid"))?,
         None => raw,
     };
     if host.contains(['[', ']']) {
@@ -170,13 +173,15 @@ mod tests {
         b.body(()).unwrap()
     }
 
-    // Fuzz finding (fuzz target `target`): the http crate parses `;[:!!!!!!!!!!:1]` as an
-    // authority; its host must be refused, not passed on as `;[:!!!!!!!!!!:1`.
+    // Fuzz findings (fuzz target `target`): the http crate parses these as authorities; their
+    // hosts must be refused, not passed on as `;[:!!!!!!!!!!:1` or `%%...`.
     #[test]
     fn stray_brackets_in_host_are_refused() {
         let r = req("GET", "https://;[:!!!!!!!!!!:1]/x", None);
         assert!(matches!(normalise(&r), Err(TargetError::Invalid(_))));
         let r = req("GET", "/x", Some("a[b]"));
+        assert!(matches!(normalise(&r), Err(TargetError::Invalid(_))));
+        let r = req("T", "/", Some("[%%%%%%%%%%%%)%%%%%%%%%%()%%8o]:"));
         assert!(matches!(normalise(&r), Err(TargetError::Invalid(_))));
         let t = normalise(&req("GET", "http://[::1]:8080/", None)).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("::1", Some(8080)));
