@@ -21,3 +21,6 @@ pub mod proxy;
 pub mod queue;
 pub mod reload;
 pub mod telemetry;
+
+#[doc(hidden)]
+pub mod fuzzing;

@@ -55,11 +55,20 @@ fn split_authority(auth: &str) -> Result<(String, Option<u16>), TargetError> {
             "userinfo is not allowed in the authority",
         ));
     }
-    let host = parsed
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase();
+    // Brackets only enclose a whole IPv6 address; the http crate lets stray ones and other
+    // bracketed text through (`;[:1]`, `[%%]`, found by fuzzing), which name no real host.
+    let raw = parsed.host();
+    let host = match raw.strip_prefix('[') {
+        Some(inner) => inner
+            .strip_suffix(']')
+            .filter(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+            .ok_or(TargetError::Invalid("the authority's host is not valid"))?,
+        None => raw,
+    };
+    if host.contains(['[', ']']) {
+        return Err(TargetError::Invalid("the authority's host is not valid"));
+    }
+    let host = host.to_ascii_lowercase();
     if host.is_empty() {
         return Err(TargetError::Invalid("the authority has no host"));
     }
@@ -162,6 +171,20 @@ mod tests {
             b = b.header("host", h);
         }
         b.body(()).unwrap()
+    }
+
+    // Fuzz findings (fuzz target `target`): the http crate parses these as authorities; their
+    // hosts must be refused, not passed on as `;[:!!!!!!!!!!:1` or `%%...`.
+    #[test]
+    fn stray_brackets_in_host_are_refused() {
+        let r = req("GET", "https://;[:!!!!!!!!!!:1]/x", None);
+        assert!(matches!(normalise(&r), Err(TargetError::Invalid(_))));
+        let r = req("GET", "/x", Some("a[b]"));
+        assert!(matches!(normalise(&r), Err(TargetError::Invalid(_))));
+        let r = req("T", "/", Some("[%%%%%%%%%%%%)%%%%%%%%%%()%%8o]:"));
+        assert!(matches!(normalise(&r), Err(TargetError::Invalid(_))));
+        let t = normalise(&req("GET", "http://[::1]:8080/", None)).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", Some(8080)));
     }
 
     #[test]
