@@ -105,12 +105,15 @@ pub async fn serve(
     graceful
 }
 
-/// What the connection task needs to know of its requests: how many are in flight and
-/// since when none is, to close a connection idle past `limits.idle_timeout`.
+/// What the connection task needs to know of its requests: how many were served (the
+/// request limit), how many are in flight and since when none is (`limits.idle_timeout`).
 struct Activity {
     start: Instant,
+    served: AtomicU64,
     in_flight: AtomicU64,
     idle_since_ms: AtomicU64,
+    /// HTTP/2 reached `max_requests_per_connection`: the connection task sends a GOAWAY.
+    limit_reached: Notify,
 }
 
 impl Activity {
@@ -162,19 +165,19 @@ async fn serve_one(
     // The framing scanner sees each request head before hyper hands it to us.
     let (stream, verdicts) = Sniffed::new(stream);
     let max_requests = proxy.max_requests_per_connection();
-    let served = Arc::new(AtomicU64::new(0));
     let activity = Arc::new(Activity {
         start: Instant::now(),
+        served: AtomicU64::new(0),
         in_flight: AtomicU64::new(0),
         idle_since_ms: AtomicU64::new(0),
+        limit_reached: Notify::new(),
     });
-    let limit_reached = Arc::new(Notify::new());
-    let (act, reached) = (activity.clone(), limit_reached.clone());
+    let act = activity.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let in_flight = InFlight::new(&act);
         // HTTP/1 serves one request at a time, in arrival order: the count matches
         // the scanner's. (HTTP/2 has no smuggling frame; its count is only a limit.)
-        let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = act.served.fetch_add(1, Ordering::Relaxed) + 1;
         let h2 = req.version() >= Version::HTTP_2;
         if verdicts.ambiguous(n) && !h2 {
             req.extensions_mut().insert(AmbiguousFrame);
@@ -184,7 +187,7 @@ async fn serve_one(
         if last && h2 {
             // HTTP/2 has no per-answer close: the connection task sends a GOAWAY, and
             // streams already open still finish.
-            reached.notify_one();
+            act.limit_reached.notify_one();
         }
         let proxy = proxy.clone();
         async move {
@@ -212,7 +215,7 @@ async fn serve_one(
         tokio::select! {
             r = conn.as_mut() => break Some(r),
             _ = stop.cancelled() => break None,
-            _ = limit_reached.notified() => break None,
+            _ = activity.limit_reached.notified() => break None,
             _ = tokio::time::sleep(wait) => {
                 if activity.idle_for().is_some_and(|idle| idle >= idle_timeout) {
                     tracing::debug!(%peer, "connection idle past limits.idle_timeout");

@@ -258,14 +258,8 @@ impl Sealer {
         buf: &mut [u8],
         tag: &[u8; TAG_LEN],
     ) -> Result<(), OpenError> {
-        let key =
-            self.keys
-                .iter()
-                .find(|k| k.id == key_id)
-                .ok_or_else(|| OpenError::MissingKey {
-                    key_id: key_id.to_owned(),
-                })?;
-        key.cipher
+        self.key(key_id)?
+            .cipher
             .decrypt_inout_detached(
                 &XNonce::from(*nonce),
                 associated,
