@@ -29,12 +29,46 @@ pub enum AppError {
     Tls(#[from] rustls::Error),
     #[error("the admin listener {addr} is reachable beyond loopback, so the token variable {var} must be set and non-empty")]
     AdminToken { addr: SocketAddr, var: String },
-    #[error("storage backend `nats` is not available in this build; use `redb`")]
+    #[cfg_attr(
+        not(feature = "nats"),
+        error("storage backend `nats` is not available in this build (built without the `nats` feature); use `redb`")
+    )]
+    #[cfg_attr(feature = "nats", error("storage backend `nats` needs storage.url"))]
     BackendUnavailable,
     #[error("cannot open the job store: {0}")]
     Store(#[from] crate::queue::StoreError),
     #[error("storage.encryption: {0}")]
     EncryptionKey(#[from] crate::queue::crypt::KeyError),
+}
+
+/// The JetStream store for the deferrable routes; see `queue::nats`.
+#[cfg(feature = "nats")]
+async fn open_nats(
+    config: &Config,
+    deferrable: &[Arc<crate::config::RouteConfig>],
+) -> Result<Arc<dyn JobStore>, AppError> {
+    let nats = config
+        .storage
+        .nats
+        .as_ref()
+        .ok_or(AppError::BackendUnavailable)?;
+    let opts = crate::queue::NatsOptions {
+        routes: deferrable.iter().map(|r| r.name.clone()).collect(),
+        dedupe_window: deferrable
+            .iter()
+            .map(|r| r.idempotency.dedupe_window)
+            .max()
+            .unwrap_or_default(),
+    };
+    Ok(Arc::new(crate::queue::NatsStore::open(nats, opts).await?))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn open_nats(
+    _config: &Config,
+    _deferrable: &[Arc<crate::config::RouteConfig>],
+) -> Result<Arc<dyn JobStore>, AppError> {
+    Err(AppError::BackendUnavailable)
 }
 
 pub struct App {
@@ -81,9 +115,6 @@ impl App {
                 });
             }
         }
-        if config.storage.backend == crate::config::StorageBackend::Nats {
-            return Err(AppError::BackendUnavailable);
-        }
         let client = HttpClient::new()?;
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -98,6 +129,8 @@ impl App {
             .collect();
         let store: Option<Arc<dyn JobStore>> = if deferrable.is_empty() {
             None
+        } else if config.storage.backend == crate::config::StorageBackend::Nats {
+            Some(open_nats(&config, &deferrable).await?)
         } else {
             let path = config.storage.path.clone();
             let cache = usize::try_from(config.storage.cache_size).unwrap_or(usize::MAX);

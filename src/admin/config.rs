@@ -52,6 +52,7 @@ pub fn render(c: &Config, token_set: bool) -> Value {
                 "stream": n.stream,
                 "replicas": n.replicas,
                 "credentials_file": n.credentials_file.as_ref().map(|p| p.display().to_string()),
+                "ack_wait": dur(n.ack_wait),
             })),
         },
         "limits": {

@@ -55,6 +55,7 @@ impl AdminError {
                 StoreError::Busy => "storage_busy",
                 StoreError::Full => "storage_full",
                 StoreError::Sealed(_) => "job_sealed",
+                StoreError::Unsupported(_) => "not_supported_by_backend",
                 StoreError::Unavailable(_)
                 | StoreError::Corrupt { .. }
                 | StoreError::NewerSchema { .. }
@@ -75,6 +76,7 @@ impl AdminError {
             AdminError::BadQuery(_) | AdminError::BadJobId(_) => StatusCode::BAD_REQUEST,
             AdminError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::Store(StoreError::NotFound) => StatusCode::NOT_FOUND,
+            AdminError::Store(StoreError::Unsupported(_)) => StatusCode::NOT_IMPLEMENTED,
             AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -109,6 +111,8 @@ impl IntoResponse for AdminError {
             AdminError::Store(StoreError::Busy) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            // Asking again does not help a backend that cannot do it.
+            AdminError::Store(StoreError::Unsupported(_)) => {}
             AdminError::Store(_) if status.is_server_error() => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
@@ -134,6 +138,11 @@ mod tests {
             (StoreError::Busy, 503, "storage_busy"),
             (StoreError::Sealed("job x: key".into()), 503, "job_sealed"),
             (StoreError::NotFound, 404, "job_not_found"),
+            (
+                StoreError::Unsupported("x".into()),
+                501,
+                "not_supported_by_backend",
+            ),
         ];
         for (e, status, code) in cases {
             let e = AdminError::from(e);

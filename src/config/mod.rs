@@ -97,6 +97,10 @@ pub struct NatsConfig {
     pub stream: String,
     pub replicas: u32,
     pub credentials_file: Option<PathBuf>,
+    /// How long a leased job may go without an ack or a progress signal before JetStream
+    /// gives it to another replica (`ack_wait`, default 30s). Progress is signalled every
+    /// third of it while a delivery runs, so it bounds how long a dead replica's jobs wait.
+    pub ack_wait: Duration,
 }
 
 /// Process-wide limits (`limits:`), each with a safe default.

@@ -49,6 +49,7 @@ pub(super) struct RawStorage {
     pub stream: Option<S<String>>,
     pub replicas: Option<S<i64>>,
     pub credentials_file: Option<S<String>>,
+    pub ack_wait: Option<S<Scalar>>,
     pub encryption: Option<S<RawEncryption>>,
 }
 

@@ -62,6 +62,7 @@ pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let mut cx = Cx {
         file: path,
         errors: Vec::new(),
+        backend: StorageBackend::Redb,
     };
     let config = cx.config(raw, path);
     if cx.errors.is_empty() {
@@ -216,6 +217,8 @@ fn key_path_at(text: &str, target: u32) -> String {
 struct Cx<'a> {
     file: &'a Path,
     errors: Vec<ConfigError>,
+    /// Set once `storage` is read: some route keys depend on the backend.
+    backend: StorageBackend,
 }
 
 type S<T> = Spanned<T>;
@@ -358,6 +361,7 @@ impl Cx<'_> {
         let listen = self.socket_addr(&raw.listen, "listen", DEFAULT_LISTEN);
         let admin = self.admin(raw.admin.unwrap_or_default());
         let storage = self.storage(raw.storage.unwrap_or_default());
+        self.backend = storage.backend;
         let limits = self.limits(raw.limits.unwrap_or_default());
         let unmatched = match &raw.unmatched {
             None => Unmatched::Reject,
@@ -537,6 +541,11 @@ impl Cx<'_> {
                 .unwrap_or(1),
             None => 1,
         };
+        let ack_wait = self.positive_duration(
+            &raw.ack_wait,
+            "storage.ack_wait",
+            Duration::from_secs(30),
+        );
         let nats = match (backend, &raw.url) {
             (StorageBackend::Nats, Some(url)) if !url.value.trim().is_empty() => Some(NatsConfig {
                 url: url.value.trim().to_string(),
@@ -546,6 +555,7 @@ impl Cx<'_> {
                     .credentials_file
                     .as_ref()
                     .map(|c| c.value.clone().into()),
+                ack_wait,
             }),
             (StorageBackend::Nats, url) => {
                 self.err(
@@ -568,6 +578,7 @@ impl Cx<'_> {
                         raw.credentials_file.as_ref().map(|s| s.referenced),
                         "storage.credentials_file",
                     ),
+                    (raw.ack_wait.as_ref().map(|s| s.referenced), "storage.ack_wait"),
                 ] {
                     if let Some(at) = v {
                         self.err(at, key, "only for storage backend nats (backend is redb)");
@@ -1065,6 +1076,15 @@ impl Cx<'_> {
                     .map(|key_header| Ordering { key_header }),
             },
         };
+        if let (Some(o), StorageBackend::Nats) = (&r.ordering, self.backend) {
+            // A JetStream consumer hands out any pending message; holding one back behind
+            // an older one with the same key would need a lock across replicas.
+            self.err(
+                o.referenced,
+                join(p, "ordering"),
+                "not available with storage backend nats (backend redb keeps per-key order)",
+            );
+        }
         let connect_ports = match &r.connect_ports {
             None => vec![443],
             Some(list) => list

@@ -65,11 +65,15 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub mod crypt;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod redb;
 
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "nats")]
+pub use self::nats::{NatsOptions, NatsStore};
 pub use self::redb::RedbStore;
 
 /// Most bytes of a response body kept in a [`LastOutcome`].
@@ -314,6 +318,9 @@ pub enum StoreError {
     Sealed(String),
     #[error("no such job")]
     NotFound,
+    /// What this backend cannot do; the message says what and why.
+    #[error("not supported by this storage backend: {0}")]
+    Unsupported(String),
     #[error("the job store is closed")]
     Closed,
 }

@@ -427,6 +427,274 @@ mod redb_conformance {
     );
 }
 
+// === conformance on the wall clock (every backend) ===
+//
+// The checks above drive time by hand, which only a store that takes `now` from its
+// caller can follow. These use real time and poll with a deadline where a backend
+// (JetStream) owns due times, so they run unchanged against every backend.
+
+fn now() -> u64 {
+    crate::proxy::defer::now_ms()
+}
+
+/// Leases until `want` jobs came back or `within` passed.
+async fn lease_within(s: &dyn JobStore, route: &str, want: usize, within: std::time::Duration) -> Vec<Job> {
+    let deadline = std::time::Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < want && std::time::Instant::now() < deadline {
+        got.extend(s.lease_due(route, now(), want - got.len()).await.unwrap());
+        if got.len() < want {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    got
+}
+
+const SOON: std::time::Duration = std::time::Duration::from_secs(5);
+
+pub(crate) async fn live_enqueue_lease_ack(s: &dyn JobStore) {
+    let new = job("r", "k1", "{}", now());
+    let id = stored(s, new.clone()).await;
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::Queued);
+    assert_eq!((got.body, got.headers), (new.body.clone(), new.headers.clone()));
+    assert_eq!(got.traceparent, new.traceparent);
+    let st = s.stats("r").await.unwrap();
+    assert_eq!(st.queued, 1);
+    assert_eq!(st.oldest_queued_created_at_ms, Some(new.created_at_ms));
+
+    let leased = lease_within(s, "r", 1, SOON).await;
+    assert_eq!(leased.len(), 1);
+    assert_eq!((leased[0].id, leased[0].state, leased[0].attempts), (id, JobState::InFlight, 1));
+    assert_eq!(leased[0].body, new.body);
+    assert_eq!(s.get(id).await.unwrap().unwrap().state, JobState::InFlight);
+    assert!(s.lease_due("r", now(), 10).await.unwrap().is_empty());
+    assert_eq!(s.stats("r").await.unwrap().in_flight, 1);
+
+    s.ack(id, now()).await.unwrap();
+    let st = s.stats("r").await.unwrap();
+    assert_eq!((st.queued, st.in_flight, st.retrying, st.dead), (0, 0, 0, 0));
+    assert!(matches!(s.ack(JobId::new(), now()).await, Err(StoreError::NotFound)));
+}
+
+pub(crate) async fn live_dedupe_and_key_conflict(s: &dyn JobStore) {
+    let id = stored(s, job("r", "key", "body", now())).await;
+    assert_eq!(
+        s.enqueue(job("r", "key", "body", now()), WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::Duplicate(Durable::after_commit(id))
+    );
+    assert_eq!(
+        s.enqueue(job("r", "key", "different", now()), WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::KeyConflict(id)
+    );
+    // Same key on another route is another job.
+    stored(s, job("r2", "key", "different", now())).await;
+    assert_eq!(s.stats("r").await.unwrap().queued, 1);
+    // Delivered: still the same job within the window.
+    assert_eq!(lease_within(s, "r", 1, SOON).await.len(), 1);
+    s.ack(id, now()).await.unwrap();
+    assert_eq!(
+        s.enqueue(job("r", "key", "body", now()), WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::Duplicate(Durable::after_commit(id))
+    );
+    assert_eq!(
+        s.enqueue(job("r", "key", "other", now()), WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::KeyConflict(id)
+    );
+}
+
+pub(crate) async fn live_reschedule_redelivers_later(s: &dyn JobStore) {
+    let id = stored(s, job("r", "k", "b", now())).await;
+    assert_eq!(lease_within(s, "r", 1, SOON).await.len(), 1);
+    let at = now() + 400;
+    s.reschedule(id, at, outcome(503, now())).await.unwrap();
+    let got = s.get(id).await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::Retrying);
+    assert_eq!(got.next_attempt_at_ms, at);
+    assert_eq!(got.last.as_ref().unwrap().status, Some(503));
+    assert_eq!(got.last.unwrap().body_prefix.len(), BODY_PREFIX_MAX);
+    assert_eq!(s.stats("r").await.unwrap().retrying, 1);
+    let again = lease_within(s, "r", 1, SOON).await;
+    assert!(now() >= at, "leased again before its time");
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].id, again[0].attempts), (id, 2));
+    assert_eq!(again[0].body, Bytes::from("b"));
+    s.ack(id, now()).await.unwrap();
+}
+
+pub(crate) async fn live_dead_retry_replay_delete(s: &dyn JobStore) {
+    let a = stored(s, job("r", "a", "a", now())).await;
+    let b = stored(s, job("r", "b", "b", now())).await;
+    assert_eq!(lease_within(s, "r", 2, SOON).await.len(), 2);
+    s.dead_letter(a, "status 400".into(), Some(outcome(400, now()))).await.unwrap();
+    s.dead_letter(b, "max_attempts".into(), None).await.unwrap();
+    let got = s.get(a).await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::Dead);
+    assert_eq!(got.dead_reason.as_deref(), Some("status 400"));
+    assert_eq!(got.last.unwrap().status, Some(400));
+    assert_eq!(got.body, Bytes::from("a"));
+    let st = s.stats("r").await.unwrap();
+    assert_eq!((st.dead, st.in_flight, st.queued), (2, 0, 0));
+    // A dead job holds its key.
+    assert_eq!(
+        s.enqueue(job("r", "a", "a", now()), WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::Duplicate(Durable::after_commit(a))
+    );
+    let dead = s.list(Some("r"), Some(JobState::Dead), 10, None).await.unwrap();
+    assert_eq!(dead.iter().map(|j| j.id).collect::<Vec<_>>(), vec![b, a]);
+
+    assert!(s.retry(a, now()).await.unwrap());
+    let leased = lease_within(s, "r", 1, SOON).await;
+    assert_eq!(leased.len(), 1);
+    assert_eq!((leased[0].id, leased[0].attempts), (a, 2));
+    assert!(!s.retry(a, now()).await.unwrap(), "in_flight is not retried");
+
+    assert_eq!(s.replay_dead("r", now()).await.unwrap(), 1);
+    assert_eq!(s.replay_dead("r", now()).await.unwrap(), 0);
+    assert!(s.delete(b).await.unwrap());
+    assert!(!s.delete(b).await.unwrap());
+    assert_eq!(s.get(b).await.unwrap(), None);
+    assert!(lease_within(s, "r", 1, std::time::Duration::from_millis(300)).await.is_empty());
+    // The deleted job's key is free again.
+    stored(s, job("r", "b", "other body", now())).await;
+}
+
+pub(crate) async fn live_pause_and_resume(s: &dyn JobStore) {
+    stored(s, job("r", "a", "a", now())).await;
+    assert_eq!(s.route_control("r").await.unwrap(), (false, None));
+    s.set_paused("r", true).await.unwrap();
+    assert_eq!(s.route_control("r").await.unwrap(), (true, None));
+    assert!(s.lease_due("r", now(), 10).await.unwrap().is_empty());
+    s.set_paused("r", false).await.unwrap();
+    let until = now() + 60_000;
+    s.pause_until("r", until).await.unwrap();
+    assert_eq!(s.route_control("r").await.unwrap(), (false, Some(until)));
+    assert!(s.lease_due("r", now(), 10).await.unwrap().is_empty());
+    s.pause_until("r", now()).await.unwrap();
+    assert_eq!(lease_within(s, "r", 1, SOON).await.len(), 1);
+    assert_eq!(s.route_control("other").await.unwrap(), (false, None));
+}
+
+pub(crate) async fn live_max_depth_and_listing(s: &dyn JobStore) {
+    let a = job("r", "a", "a", now());
+    s.enqueue(a.clone(), WINDOW, 2).await.unwrap();
+    let b = stored(s, job("r", "b", "b", now())).await;
+    let c = job("r", "c", "c", now());
+    assert_eq!(s.enqueue(c.clone(), WINDOW, 2).await.unwrap(), EnqueueOutcome::QueueFull);
+    assert_eq!(s.get(c.id).await.unwrap(), None);
+    let page: Vec<_> = s.list(Some("r"), None, 1, None).await.unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(page, vec![b]);
+    let rest: Vec<_> = s.list(Some("r"), None, 10, Some(b)).await.unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(rest, vec![a.id]);
+    assert_eq!(s.routes().await.unwrap(), ["r"]);
+}
+
+/// Every wall-clock check, each against a fresh store from `make`.
+macro_rules! live_conformance {
+    ($make:expr; $($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (_guard, store) = $make;
+            super::$name(&store).await;
+        }
+    )*};
+}
+
+mod redb_live {
+    use super::*;
+
+    fn fresh() -> (tempfile::TempDir, RedbStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("q/queue.redb"), 4 << 20).unwrap();
+        (dir, store)
+    }
+
+    live_conformance!(fresh();
+        live_enqueue_lease_ack,
+        live_dedupe_and_key_conflict,
+        live_reschedule_redelivers_later,
+        live_dead_retry_replay_delete,
+        live_pause_and_resume,
+        live_max_depth_and_listing,
+    );
+}
+
+/// The JetStream backend against the NATS server of the machine (`SPILLWAY_TEST_NATS_URL`,
+/// default `nats://127.0.0.1:4222`; `.ci/run` starts one). Each test has its own stream,
+/// removed when it ends.
+#[cfg(feature = "nats")]
+mod nats_live {
+    use super::*;
+    use crate::config::NatsConfig;
+
+    pub(crate) fn url() -> String {
+        std::env::var("SPILLWAY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    }
+
+    /// Deletes the test's streams and buckets when the test ends.
+    pub(crate) struct Streams(pub String);
+
+    impl Drop for Streams {
+        fn drop(&mut self) {
+            let name = self.0.clone();
+            let url = url();
+            // Its own thread and runtime: the test's runtime is shutting down.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    if let Ok(c) = async_nats::connect(url).await {
+                        let js = async_nats::jetstream::new(c);
+                        for s in [name.clone(), format!("{name}_DEAD"), format!("KV_{name}_KEYS"), format!("KV_{name}_STATE")] {
+                            let _ = js.delete_stream(s).await;
+                        }
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    pub(crate) async fn open(name: &str, routes: &[&str]) -> NatsStore {
+        let cfg = NatsConfig {
+            url: url(),
+            stream: name.to_owned(),
+            replicas: 1,
+            credentials_file: None,
+            ack_wait: std::time::Duration::from_secs(5),
+        };
+        let opts = NatsOptions {
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+            dedupe_window: std::time::Duration::from_millis(WINDOW),
+        };
+        NatsStore::open(&cfg, opts).await.unwrap_or_else(|e| {
+            panic!("{e}: these tests need NATS with JetStream at {} (start it with `nats-server -js`)", url())
+        })
+    }
+
+    pub(crate) fn name() -> String {
+        format!("T{}", uuid::Uuid::new_v4().simple())
+    }
+
+    async fn fresh() -> (Streams, NatsStore) {
+        let name = name();
+        let store = open(&name, &["r", "r2"]).await;
+        (Streams(name), store)
+    }
+
+    live_conformance!(fresh().await;
+        live_enqueue_lease_ack,
+        live_dedupe_and_key_conflict,
+        live_reschedule_redelivers_later,
+        live_dead_retry_replay_delete,
+        live_pause_and_resume,
+        live_max_depth_and_listing,
+    );
+
+    live_conformance!(fresh().await;
+        quota_fixed_windows,
+    );
+}
+
 // === redb backend ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
