@@ -391,7 +391,7 @@ async fn unknown_and_malformed_job_ids_are_404_and_400() {
 }
 
 #[tokio::test]
-async fn retry_makes_a_dead_job_due_now_and_keeps_its_attempts() {
+async fn retry_makes_a_dead_job_due_now_with_a_fresh_budget_of_attempts() {
     let (up, healthy) = recovering_upstream().await;
     let down = always(200).await;
     let sw = start(&config(up.addr, down.addr));
@@ -402,11 +402,12 @@ async fn retry_makes_a_dead_job_due_now_and_keeps_its_attempts() {
     let a = call(&sw, "POST", &format!("/jobs/{id}/retry")).await;
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
     assert_eq!(a.json()["id"], id.as_str());
-    assert_eq!(a.json()["attempts"], 1, "attempts are kept");
+    // A fresh budget: a job dead of max_attempts must not die again at its first lease.
+    assert_eq!(a.json()["attempts"], 0);
     wait_state(&sw, &id, "delivered").await;
     assert_eq!(up.count(), 2);
     let job = get_json(&sw, &format!("/jobs/{id}")).await;
-    assert_eq!(job["attempts"], 2);
+    assert_eq!(job["attempts"], 1);
     assert!(job["dead_reason"].is_null());
 
     // Only dead or retrying jobs can be retried.

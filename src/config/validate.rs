@@ -541,11 +541,8 @@ impl Cx<'_> {
                 .unwrap_or(1),
             None => 1,
         };
-        let ack_wait = self.positive_duration(
-            &raw.ack_wait,
-            "storage.ack_wait",
-            Duration::from_secs(30),
-        );
+        let ack_wait =
+            self.positive_duration(&raw.ack_wait, "storage.ack_wait", Duration::from_secs(30));
         let nats = match (backend, &raw.url) {
             (StorageBackend::Nats, Some(url)) if !url.value.trim().is_empty() => Some(NatsConfig {
                 url: url.value.trim().to_string(),
@@ -578,7 +575,10 @@ impl Cx<'_> {
                         raw.credentials_file.as_ref().map(|s| s.referenced),
                         "storage.credentials_file",
                     ),
-                    (raw.ack_wait.as_ref().map(|s| s.referenced), "storage.ack_wait"),
+                    (
+                        raw.ack_wait.as_ref().map(|s| s.referenced),
+                        "storage.ack_wait",
+                    ),
                 ] {
                     if let Some(at) = v {
                         self.err(at, key, "only for storage backend nats (backend is redb)");

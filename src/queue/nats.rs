@@ -67,6 +67,8 @@ use crate::config::NatsConfig;
 const DEPTH_TTL: Duration = Duration::from_millis(100);
 /// Tries of a compare-and-set on a quota counter before giving up as busy.
 const QUOTA_TRIES: usize = 16;
+/// How often a route whose jobs all wait out retry delays asks JetStream for redeliveries.
+const RETRY_POLL: Duration = Duration::from_millis(100);
 /// Largest dead-letter list `replay_dead` or `list` reads in one call.
 const SCAN_MAX: usize = 100_000;
 /// What a key marker says of the job that held the key.
@@ -92,7 +94,7 @@ struct Lease {
 }
 
 struct DepthCache {
-    read_at: std::time::Instant,
+    read_at: tokio::time::Instant,
     depth: u64,
 }
 
@@ -111,6 +113,8 @@ pub struct NatsStore {
     consumers: tokio::sync::Mutex<HashMap<String, PullConsumer>>,
     leases: Arc<Mutex<HashMap<JobId, Lease>>>,
     depth: Mutex<HashMap<String, DepthCache>>,
+    /// When a route's last lease came back empty while jobs waited out retry delays.
+    empty_at: Mutex<HashMap<String, tokio::time::Instant>>,
     failed: AtomicBool,
     progress: tokio::task::JoinHandle<()>,
 }
@@ -178,7 +182,12 @@ fn decode_job(bytes: &[u8]) -> Result<Job, StoreError> {
 }
 
 /// A mismatch between the stream or consumer on the server and what this config needs.
-fn mismatch(what: &str, setting: &str, found: impl std::fmt::Debug, want: impl std::fmt::Debug) -> StoreError {
+fn mismatch(
+    what: &str,
+    setting: &str,
+    found: impl std::fmt::Debug,
+    want: impl std::fmt::Debug,
+) -> StoreError {
     StoreError::Unavailable(format!(
         "nats: {what} has {setting} {found:?}, but spillway needs {want:?}; change it on the server or use another storage.stream"
     ))
@@ -271,6 +280,7 @@ impl NatsStore {
             consumers: tokio::sync::Mutex::default(),
             leases,
             depth: Mutex::default(),
+            empty_at: Mutex::default(),
             failed: AtomicBool::new(false),
             progress,
         };
@@ -327,18 +337,25 @@ impl NatsStore {
             max_ack_pending: -1,
             ..Default::default()
         };
-        let consumer: PullConsumer = self.seen(
-            self.jobs
-                .get_or_create_consumer(&name, want.clone())
-                .await,
-        )?;
+        let consumer: PullConsumer =
+            self.seen(self.jobs.get_or_create_consumer(&name, want.clone()).await)?;
         let have = &consumer.cached_info().config;
         let what = format!("consumer {name} of stream {}", self.stream);
         if have.filter_subject != want.filter_subject {
-            return Err(mismatch(&what, "filter_subject", &have.filter_subject, &want.filter_subject));
+            return Err(mismatch(
+                &what,
+                "filter_subject",
+                &have.filter_subject,
+                &want.filter_subject,
+            ));
         }
         if have.ack_policy != AckPolicy::Explicit {
-            return Err(mismatch(&what, "ack_policy", have.ack_policy, AckPolicy::Explicit));
+            return Err(mismatch(
+                &what,
+                "ack_policy",
+                have.ack_policy,
+                AckPolicy::Explicit,
+            ));
         }
         if have.max_deliver > 0 {
             return Err(mismatch(&what, "max_deliver", have.max_deliver, -1));
@@ -373,7 +390,7 @@ impl NatsStore {
         self.depth.lock().insert(
             route.to_owned(),
             DepthCache {
-                read_at: std::time::Instant::now(),
+                read_at: tokio::time::Instant::now(),
                 depth,
             },
         );
@@ -387,11 +404,19 @@ impl NatsStore {
     }
 
     /// The message of a job in the jobs stream, if it is there.
-    async fn queued_message(&self, route: &str, id: JobId) -> Result<Option<jetstream::message::StreamMessage>, StoreError> {
+    async fn queued_message(
+        &self,
+        route: &str,
+        id: JobId,
+    ) -> Result<Option<jetstream::message::StreamMessage>, StoreError> {
         last_by_subject(&self.jobs, &self.job_subject(route, id)).await
     }
 
-    async fn dead_message(&self, route: &str, id: JobId) -> Result<Option<jetstream::message::StreamMessage>, StoreError> {
+    async fn dead_message(
+        &self,
+        route: &str,
+        id: JobId,
+    ) -> Result<Option<jetstream::message::StreamMessage>, StoreError> {
         last_by_subject(&self.dead, &self.dead_subject(route, id)).await
     }
 
@@ -448,7 +473,11 @@ impl NatsStore {
     }
 
     /// Publishes a job to the jobs stream with `msg_id` and waits for the ack.
-    async fn publish_job(&self, job: &Job, msg_id: &str) -> Result<jetstream::publish::PublishAck, StoreError> {
+    async fn publish_job(
+        &self,
+        job: &Job,
+        msg_id: &str,
+    ) -> Result<jetstream::publish::PublishAck, StoreError> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
         let payload: Bytes = schema::encode_job(job).into();
@@ -498,6 +527,15 @@ impl NatsStore {
         })
     }
 
+    /// Jobs of `route` leased by this process.
+    fn leased(&self, route: &str) -> usize {
+        self.leases
+            .lock()
+            .values()
+            .filter(|l| l.job.route == route)
+            .count()
+    }
+
     fn take_lease(&self, id: JobId) -> Result<Lease, StoreError> {
         self.leases.lock().remove(&id).ok_or(StoreError::NotFound)
     }
@@ -507,10 +545,12 @@ impl NatsStore {
         self.leases.lock().insert(id, lease);
     }
 
-    /// Moves a dead job back to the jobs stream (queued, attempts kept) and drops the dead record.
+    /// Moves a dead job back to the jobs stream (queued, with a fresh budget of attempts) and drops the dead record.
     async fn revive(&self, mut job: Job, dead_seq: u64, now_ms: u64) -> Result<(), StoreError> {
         job.state = JobState::Queued;
         job.dead_reason = None;
+        // A fresh budget of attempts, as with redb: the old count would kill it at once.
+        job.attempts = 0;
         job.next_attempt_at_ms = now_ms;
         job.updated_at_ms = now_ms;
         // A msg id of its own: the key's id is still in the duplicate window.
@@ -531,7 +571,11 @@ impl NatsStore {
     }
 
     /// Ids stored under `filter` in `stream`, read from the stream's subject list.
-    async fn ids_in(&self, stream: &stream::Stream, filter: String) -> Result<Vec<(String, JobId)>, StoreError> {
+    async fn ids_in(
+        &self,
+        stream: &stream::Stream,
+        filter: String,
+    ) -> Result<Vec<(String, JobId)>, StoreError> {
         let mut info = self.seen(stream.info_with_subjects(filter).await)?;
         let mut out = Vec::new();
         while let Some(entry) = info.next().await {
@@ -558,7 +602,10 @@ enum Place {
 }
 
 /// Creates the stream, or checks that the one on the server fits.
-async fn ensure_stream(js: &jetstream::Context, want: stream::Config) -> Result<stream::Stream, StoreError> {
+async fn ensure_stream(
+    js: &jetstream::Context,
+    want: stream::Config,
+) -> Result<stream::Stream, StoreError> {
     let mut s = js
         .get_or_create_stream(want.clone())
         .await
@@ -577,7 +624,12 @@ async fn ensure_stream(js: &jetstream::Context, want: stream::Config) -> Result<
         return Err(mismatch(&what, "storage", have.storage, want.storage));
     }
     if have.num_replicas.max(1) != want.num_replicas.max(1) {
-        return Err(mismatch(&what, "replicas (storage.replicas)", have.num_replicas, want.num_replicas));
+        return Err(mismatch(
+            &what,
+            "replicas (storage.replicas)",
+            have.num_replicas,
+            want.num_replicas,
+        ));
     }
     if have.subjects != want.subjects {
         return Err(mismatch(&what, "subjects", &have.subjects, &want.subjects));
@@ -586,14 +638,20 @@ async fn ensure_stream(js: &jetstream::Context, want: stream::Config) -> Result<
         // Follows the longest dedupe_window of the routes; JetStream allows changing it.
         let mut update = have;
         update.duplicate_window = want.duplicate_window;
-        js.update_stream(update)
-            .await
-            .map_err(|e| unavailable(format!("stream {}: cannot set duplicate_window: {e}", want.name)))?;
+        js.update_stream(update).await.map_err(|e| {
+            unavailable(format!(
+                "stream {}: cannot set duplicate_window: {e}",
+                want.name
+            ))
+        })?;
     }
     Ok(s)
 }
 
-async fn last_by_subject(stream: &stream::Stream, subject: &str) -> Result<Option<jetstream::message::StreamMessage>, StoreError> {
+async fn last_by_subject(
+    stream: &stream::Stream,
+    subject: &str,
+) -> Result<Option<jetstream::message::StreamMessage>, StoreError> {
     match stream.get_last_raw_message_by_subject(subject).await {
         Ok(m) => Ok(Some(m)),
         Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
@@ -680,12 +738,18 @@ impl Bucket {
     }
 
     async fn entry(&self, key: &str) -> Result<Option<Entry>, async_nats::Error> {
-        match self.stream.get_last_raw_message_by_subject(&self.subject(key)).await {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subject(key))
+            .await
+        {
             Ok(m) => Ok(Some(Entry {
                 value: m.payload,
                 revision: m.sequence,
             })),
-            Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => {
+                Ok(None)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -694,10 +758,18 @@ impl Bucket {
         Ok(self.entry(key).await?.map(|e| e.value))
     }
 
-    async fn publish(&self, key: &str, value: Bytes, expect: Option<u64>) -> Result<u64, async_nats::Error> {
+    async fn publish(
+        &self,
+        key: &str,
+        value: Bytes,
+        expect: Option<u64>,
+    ) -> Result<u64, async_nats::Error> {
         let mut headers = HeaderMap::new();
         if let Some(seq) = expect {
-            headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                seq.to_string().as_str(),
+            );
         }
         let ack = self
             .js
@@ -717,7 +789,12 @@ impl Bucket {
     }
 
     /// Writes only if the value is still the one at `revision`.
-    async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64, async_nats::Error> {
+    async fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<u64, async_nats::Error> {
         self.publish(key, value, Some(revision)).await
     }
 
@@ -739,7 +816,10 @@ impl JobStore for NatsStore {
         if self.depth(&new.route).await? >= max_depth {
             // A replay of a stored key is still answered when full (as redb does): look for it.
             let key = key_hash(&new.route, &new.idempotency_key);
-            if let Some((id, fp, mark)) = self.seen(self.keys.get(&key).await)?.and_then(|v| decode_marker(&v)) {
+            if let Some((id, fp, mark)) = self
+                .seen(self.keys.get(&key).await)?
+                .and_then(|v| decode_marker(&v))
+            {
                 if mark != MARK_DELETED {
                     return Ok(if fp == new.fingerprint {
                         EnqueueOutcome::Duplicate(Durable::after_commit(id))
@@ -760,7 +840,12 @@ impl JobStore for NatsStore {
         Ok(EnqueueOutcome::Stored(Durable::after_commit(job.id)))
     }
 
-    async fn lease_due(&self, route: &str, now_ms: u64, limit: usize) -> Result<Vec<Job>, StoreError> {
+    async fn lease_due(
+        &self,
+        route: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
         let (paused, until) = self.route_control(route).await?;
         if paused || until.is_some_and(|u| u > now_ms) || limit == 0 {
             return Ok(Vec::new());
@@ -807,6 +892,13 @@ impl JobStore for NatsStore {
             );
             out.push(job);
         }
+        if out.is_empty() {
+            self.empty_at
+                .lock()
+                .insert(route.to_owned(), tokio::time::Instant::now());
+        } else {
+            self.empty_at.lock().remove(route);
+        }
         Ok(out)
     }
 
@@ -827,7 +919,12 @@ impl JobStore for NatsStore {
         Ok(())
     }
 
-    async fn reschedule(&self, id: JobId, next_attempt_at_ms: u64, last: LastOutcome) -> Result<(), StoreError> {
+    async fn reschedule(
+        &self,
+        id: JobId,
+        next_attempt_at_ms: u64,
+        last: LastOutcome,
+    ) -> Result<(), StoreError> {
         let lease = self.take_lease(id)?;
         let now = now_ms();
         let mut info = lease.job.clone();
@@ -839,7 +936,11 @@ impl JobStore for NatsStore {
         info.last = Some(last);
         let delay = Duration::from_millis(next_attempt_at_ms.saturating_sub(now));
         let result = async {
-            self.seen(self.state.put(&format!("retry.{id}"), schema::encode_job(&info).into()).await)?;
+            self.seen(
+                self.state
+                    .put(&format!("retry.{id}"), schema::encode_job(&info).into())
+                    .await,
+            )?;
             self.seen(lease.msg.double_ack_with(AckKind::Nak(Some(delay))).await)
         }
         .await;
@@ -850,7 +951,12 @@ impl JobStore for NatsStore {
         Ok(())
     }
 
-    async fn dead_letter(&self, id: JobId, reason: String, last: Option<LastOutcome>) -> Result<(), StoreError> {
+    async fn dead_letter(
+        &self,
+        id: JobId,
+        reason: String,
+        last: Option<LastOutcome>,
+    ) -> Result<(), StoreError> {
         let lease = self.take_lease(id)?;
         let mut dead = lease.job.clone();
         dead.state = JobState::Dead;
@@ -897,7 +1003,8 @@ impl JobStore for NatsStore {
     ) -> Result<Vec<Job>, StoreError> {
         if state == Some(JobState::Delivered) {
             return Err(StoreError::Unsupported(
-                "the nats backend keeps no delivered jobs: the stream drops a job once it is acked".into(),
+                "the nats backend keeps no delivered jobs: the stream drops a job once it is acked"
+                    .into(),
             ));
         }
         let tok = route.map_or_else(|| "*".to_owned(), token);
@@ -919,14 +1026,17 @@ impl JobStore for NatsStore {
             );
         }
         // UUIDv7 ids order by creation: newest first, after the cursor.
-        ids.sort_by(|a, b| b.1.cmp(&a.1));
+        ids.sort_by_key(|e| std::cmp::Reverse(e.1));
         let mut out = Vec::new();
         for (r, id, dead) in ids {
             if cursor.is_some_and(|c| id >= c) {
                 continue;
             }
             let job = if dead {
-                self.dead_message(&r, id).await?.map(|m| decode_job(&m.payload)).transpose()?
+                self.dead_message(&r, id)
+                    .await?
+                    .map(|m| decode_job(&m.payload))
+                    .transpose()?
             } else {
                 self.queued_job(&r, id).await?.map(|(j, _)| j)
             };
@@ -982,7 +1092,8 @@ impl JobStore for NatsStore {
         let mut n = 0;
         for (r, id) in self.ids_in(&self.dead, filter).await? {
             if let Some(m) = self.dead_message(&r, id).await? {
-                self.revive(decode_job(&m.payload)?, m.sequence, now_ms).await?;
+                self.revive(decode_job(&m.payload)?, m.sequence, now_ms)
+                    .await?;
                 n += 1;
             }
         }
@@ -991,7 +1102,11 @@ impl JobStore for NatsStore {
 
     async fn set_paused(&self, route: &str, paused: bool) -> Result<(), StoreError> {
         let (_, until) = self.route_control(route).await?;
-        self.seen(self.state.put(&format!("route.{route}"), encode_control(paused, until)).await)?;
+        self.seen(
+            self.state
+                .put(&format!("route.{route}"), encode_control(paused, until))
+                .await,
+        )?;
         Ok(())
     }
 
@@ -999,7 +1114,10 @@ impl JobStore for NatsStore {
         let (paused, _) = self.route_control(route).await?;
         self.seen(
             self.state
-                .put(&format!("route.{route}"), encode_control(paused, Some(until_ms)))
+                .put(
+                    &format!("route.{route}"),
+                    encode_control(paused, Some(until_ms)),
+                )
                 .await,
         )?;
         Ok(())
@@ -1057,12 +1175,29 @@ impl JobStore for NatsStore {
     }
 
     async fn next_due(&self, route: &str) -> Result<Option<u64>, StoreError> {
-        // JetStream holds the due times; look again within a second for jobs other
-        // replicas accepted and for retry delays that end.
+        // JetStream holds the due times. Never delivered: due now. Pending acks beyond this
+        // replica's leases are jobs waiting out a retry delay (or leased by a replica that may
+        // be gone): their redelivery is only seen by asking, so ask every RETRY_POLL.
+        // Otherwise look again within a second, for jobs other replicas accept.
         let consumer = self.consumer(route).await?;
         let info = self.seen(consumer.get_info().await)?;
         let now = now_ms();
-        Ok(Some(if info.num_pending > 0 { now } else { now + 1_000 }))
+        let leased = self.leased(route) as u64;
+        let waiting = (info.num_ack_pending as u64).saturating_sub(leased);
+        let recently_empty = self
+            .empty_at
+            .lock()
+            .get(route)
+            .is_some_and(|t| t.elapsed() < RETRY_POLL);
+        Ok(Some(
+            if info.num_pending > 0 || (waiting > 0 && !recently_empty) {
+                now
+            } else if waiting > 0 {
+                now + RETRY_POLL.as_millis() as u64
+            } else {
+                now + 1_000
+            },
+        ))
     }
 
     async fn stats(&self, route: &str) -> Result<RouteStats, StoreError> {
@@ -1071,12 +1206,7 @@ impl JobStore for NatsStore {
         }
         let consumer = self.consumer(route).await?;
         let info = self.seen(consumer.get_info().await)?;
-        let leased = self
-            .leases
-            .lock()
-            .values()
-            .filter(|l| l.job.route == route)
-            .count() as u64;
+        let leased = self.leased(route) as u64;
         let ack_pending = info.num_ack_pending as u64;
         let oldest = match self
             .jobs
@@ -1106,7 +1236,9 @@ impl JobStore for NatsStore {
             let route = route_of_token(&name);
             let consumer = self.consumer(&route).await?;
             let info = self.seen(consumer.get_info().await)?;
-            if info.num_pending + info.num_ack_pending as u64 > 0 || self.dead_count(&route).await? > 0 {
+            if info.num_pending + info.num_ack_pending as u64 > 0
+                || self.dead_count(&route).await? > 0
+            {
                 out.insert(route);
             }
         }

@@ -147,12 +147,13 @@ pub(crate) async fn dead_retry_replay_delete(s: &dyn JobStore) {
     assert!(s.retry(a, 1_000).await.unwrap());
     let got = s.get(a).await.unwrap().unwrap();
     assert_eq!(got.state, JobState::Retrying);
-    assert_eq!(got.attempts, 1);
+    // A dead job comes back with a fresh budget of attempts.
+    assert_eq!(got.attempts, 0);
     assert_eq!(got.next_attempt_at_ms, 1_000);
     assert_eq!(got.dead_reason, None);
     let leased = s.lease_due("r", 1_000, 10).await.unwrap();
     assert_eq!(leased.len(), 1);
-    assert_eq!(leased[0].attempts, 2);
+    assert_eq!(leased[0].attempts, 1);
     assert!(
         !s.retry(a, 1_000).await.unwrap(),
         "in_flight is not retried"
@@ -438,10 +439,15 @@ fn now() -> u64 {
 }
 
 /// Leases until `want` jobs came back or `within` passed.
-async fn lease_within(s: &dyn JobStore, route: &str, want: usize, within: std::time::Duration) -> Vec<Job> {
-    let deadline = std::time::Instant::now() + within;
+async fn lease_within(
+    s: &dyn JobStore,
+    route: &str,
+    want: usize,
+    within: std::time::Duration,
+) -> Vec<Job> {
+    let deadline = tokio::time::Instant::now() + within;
     let mut got = Vec::new();
-    while got.len() < want && std::time::Instant::now() < deadline {
+    while got.len() < want && tokio::time::Instant::now() < deadline {
         got.extend(s.lease_due(route, now(), want - got.len()).await.unwrap());
         if got.len() < want {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -457,7 +463,10 @@ pub(crate) async fn live_enqueue_lease_ack(s: &dyn JobStore) {
     let id = stored(s, new.clone()).await;
     let got = s.get(id).await.unwrap().unwrap();
     assert_eq!(got.state, JobState::Queued);
-    assert_eq!((got.body, got.headers), (new.body.clone(), new.headers.clone()));
+    assert_eq!(
+        (got.body, got.headers),
+        (new.body.clone(), new.headers.clone())
+    );
     assert_eq!(got.traceparent, new.traceparent);
     let st = s.stats("r").await.unwrap();
     assert_eq!(st.queued, 1);
@@ -465,7 +474,10 @@ pub(crate) async fn live_enqueue_lease_ack(s: &dyn JobStore) {
 
     let leased = lease_within(s, "r", 1, SOON).await;
     assert_eq!(leased.len(), 1);
-    assert_eq!((leased[0].id, leased[0].state, leased[0].attempts), (id, JobState::InFlight, 1));
+    assert_eq!(
+        (leased[0].id, leased[0].state, leased[0].attempts),
+        (id, JobState::InFlight, 1)
+    );
     assert_eq!(leased[0].body, new.body);
     assert_eq!(s.get(id).await.unwrap().unwrap().state, JobState::InFlight);
     assert!(s.lease_due("r", now(), 10).await.unwrap().is_empty());
@@ -473,18 +485,28 @@ pub(crate) async fn live_enqueue_lease_ack(s: &dyn JobStore) {
 
     s.ack(id, now()).await.unwrap();
     let st = s.stats("r").await.unwrap();
-    assert_eq!((st.queued, st.in_flight, st.retrying, st.dead), (0, 0, 0, 0));
-    assert!(matches!(s.ack(JobId::new(), now()).await, Err(StoreError::NotFound)));
+    assert_eq!(
+        (st.queued, st.in_flight, st.retrying, st.dead),
+        (0, 0, 0, 0)
+    );
+    assert!(matches!(
+        s.ack(JobId::new(), now()).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 pub(crate) async fn live_dedupe_and_key_conflict(s: &dyn JobStore) {
     let id = stored(s, job("r", "key", "body", now())).await;
     assert_eq!(
-        s.enqueue(job("r", "key", "body", now()), WINDOW, DEEP).await.unwrap(),
+        s.enqueue(job("r", "key", "body", now()), WINDOW, DEEP)
+            .await
+            .unwrap(),
         EnqueueOutcome::Duplicate(Durable::after_commit(id))
     );
     assert_eq!(
-        s.enqueue(job("r", "key", "different", now()), WINDOW, DEEP).await.unwrap(),
+        s.enqueue(job("r", "key", "different", now()), WINDOW, DEEP)
+            .await
+            .unwrap(),
         EnqueueOutcome::KeyConflict(id)
     );
     // Same key on another route is another job.
@@ -494,11 +516,15 @@ pub(crate) async fn live_dedupe_and_key_conflict(s: &dyn JobStore) {
     assert_eq!(lease_within(s, "r", 1, SOON).await.len(), 1);
     s.ack(id, now()).await.unwrap();
     assert_eq!(
-        s.enqueue(job("r", "key", "body", now()), WINDOW, DEEP).await.unwrap(),
+        s.enqueue(job("r", "key", "body", now()), WINDOW, DEEP)
+            .await
+            .unwrap(),
         EnqueueOutcome::Duplicate(Durable::after_commit(id))
     );
     assert_eq!(
-        s.enqueue(job("r", "key", "other", now()), WINDOW, DEEP).await.unwrap(),
+        s.enqueue(job("r", "key", "other", now()), WINDOW, DEEP)
+            .await
+            .unwrap(),
         EnqueueOutcome::KeyConflict(id)
     );
 }
@@ -526,7 +552,9 @@ pub(crate) async fn live_dead_retry_replay_delete(s: &dyn JobStore) {
     let a = stored(s, job("r", "a", "a", now())).await;
     let b = stored(s, job("r", "b", "b", now())).await;
     assert_eq!(lease_within(s, "r", 2, SOON).await.len(), 2);
-    s.dead_letter(a, "status 400".into(), Some(outcome(400, now()))).await.unwrap();
+    s.dead_letter(a, "status 400".into(), Some(outcome(400, now())))
+        .await
+        .unwrap();
     s.dead_letter(b, "max_attempts".into(), None).await.unwrap();
     let got = s.get(a).await.unwrap().unwrap();
     assert_eq!(got.state, JobState::Dead);
@@ -537,24 +565,37 @@ pub(crate) async fn live_dead_retry_replay_delete(s: &dyn JobStore) {
     assert_eq!((st.dead, st.in_flight, st.queued), (2, 0, 0));
     // A dead job holds its key.
     assert_eq!(
-        s.enqueue(job("r", "a", "a", now()), WINDOW, DEEP).await.unwrap(),
+        s.enqueue(job("r", "a", "a", now()), WINDOW, DEEP)
+            .await
+            .unwrap(),
         EnqueueOutcome::Duplicate(Durable::after_commit(a))
     );
-    let dead = s.list(Some("r"), Some(JobState::Dead), 10, None).await.unwrap();
+    let dead = s
+        .list(Some("r"), Some(JobState::Dead), 10, None)
+        .await
+        .unwrap();
     assert_eq!(dead.iter().map(|j| j.id).collect::<Vec<_>>(), vec![b, a]);
 
     assert!(s.retry(a, now()).await.unwrap());
     let leased = lease_within(s, "r", 1, SOON).await;
     assert_eq!(leased.len(), 1);
-    assert_eq!((leased[0].id, leased[0].attempts), (a, 2));
-    assert!(!s.retry(a, now()).await.unwrap(), "in_flight is not retried");
+    // A fresh budget of attempts after a retry from dead.
+    assert_eq!((leased[0].id, leased[0].attempts), (a, 1));
+    assert!(
+        !s.retry(a, now()).await.unwrap(),
+        "in_flight is not retried"
+    );
 
     assert_eq!(s.replay_dead("r", now()).await.unwrap(), 1);
     assert_eq!(s.replay_dead("r", now()).await.unwrap(), 0);
     assert!(s.delete(b).await.unwrap());
     assert!(!s.delete(b).await.unwrap());
     assert_eq!(s.get(b).await.unwrap(), None);
-    assert!(lease_within(s, "r", 1, std::time::Duration::from_millis(300)).await.is_empty());
+    assert!(
+        lease_within(s, "r", 1, std::time::Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
     // The deleted job's key is free again.
     stored(s, job("r", "b", "other body", now())).await;
 }
@@ -580,11 +621,26 @@ pub(crate) async fn live_max_depth_and_listing(s: &dyn JobStore) {
     s.enqueue(a.clone(), WINDOW, 2).await.unwrap();
     let b = stored(s, job("r", "b", "b", now())).await;
     let c = job("r", "c", "c", now());
-    assert_eq!(s.enqueue(c.clone(), WINDOW, 2).await.unwrap(), EnqueueOutcome::QueueFull);
+    assert_eq!(
+        s.enqueue(c.clone(), WINDOW, 2).await.unwrap(),
+        EnqueueOutcome::QueueFull
+    );
     assert_eq!(s.get(c.id).await.unwrap(), None);
-    let page: Vec<_> = s.list(Some("r"), None, 1, None).await.unwrap().into_iter().map(|j| j.id).collect();
+    let page: Vec<_> = s
+        .list(Some("r"), None, 1, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
     assert_eq!(page, vec![b]);
-    let rest: Vec<_> = s.list(Some("r"), None, 10, Some(b)).await.unwrap().into_iter().map(|j| j.id).collect();
+    let rest: Vec<_> = s
+        .list(Some("r"), None, 10, Some(b))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
     assert_eq!(rest, vec![a.id]);
     assert_eq!(s.routes().await.unwrap(), ["r"]);
 }
@@ -640,11 +696,19 @@ mod nats_live {
             let url = url();
             // Its own thread and runtime: the test's runtime is shutting down.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 rt.block_on(async {
                     if let Ok(c) = async_nats::connect(url).await {
                         let js = async_nats::jetstream::new(c);
-                        for s in [name.clone(), format!("{name}_DEAD"), format!("KV_{name}_KEYS"), format!("KV_{name}_STATE")] {
+                        for s in [
+                            name.clone(),
+                            format!("{name}_DEAD"),
+                            format!("KV_{name}_KEYS"),
+                            format!("KV_{name}_STATE"),
+                        ] {
                             let _ = js.delete_stream(s).await;
                         }
                     }
@@ -667,7 +731,10 @@ mod nats_live {
             dedupe_window: std::time::Duration::from_millis(WINDOW),
         };
         NatsStore::open(&cfg, opts).await.unwrap_or_else(|e| {
-            panic!("{e}: these tests need NATS with JetStream at {} (start it with `nats-server -js`)", url())
+            panic!(
+                "{e}: these tests need NATS with JetStream at {} (start it with `nats-server -js`)",
+                url()
+            )
         })
     }
 

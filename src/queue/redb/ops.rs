@@ -539,6 +539,11 @@ pub(super) fn dead_letter(
 /// dead-letters it again).
 fn make_due(t: &mut Tables<'_>, old: &Stored, now_ms: u64) -> TxResult<()> {
     let mut new = old.known().clone();
+    if new.state == JobState::Dead {
+        // A dead job brought back by an operator gets a fresh budget of attempts: with the
+        // old count it would be dead again at its first lease (max_attempts, crash_loop).
+        new.attempts = 0;
+    }
     new.state = JobState::Retrying;
     new.next_attempt_at_ms = now_ms;
     new.updated_at_ms = now_ms;
