@@ -59,6 +59,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Redraw a live view (a terminal), or print plain progress lines (logs).
     pub tty: bool,
+    /// Keep the queue in NATS JetStream at this URL rather than in a redb file.
+    pub nats: Option<String>,
 }
 
 /// Runs the demo on its own runtime; exit code 0 when no accepted job was lost.
@@ -119,6 +121,17 @@ struct Seen {
     accepted_keys: Mutex<HashMap<String, u32>>,
     /// 429s sent to spillway's deliveries (their keys start with `demo-`).
     slow_downs: AtomicU64,
+}
+
+impl Seen {
+    /// Deferred jobs (keys `demo-…`) the upstream answered 2xx.
+    fn deferred_answered(&self) -> u64 {
+        self.accepted_keys
+            .lock()
+            .keys()
+            .filter(|k| k.starts_with("demo-"))
+            .count() as u64
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -338,11 +351,19 @@ enum DemoError {
     NoStore,
 }
 
-fn config_text(upstream: SocketAddr, data: &Path, concurrency: usize) -> String {
+/// The demo's `storage:` value: a redb file in `data`, or a JetStream stream of its own.
+fn storage_text(data: &Path, nats: Option<(&str, &str)>) -> String {
+    match nats {
+        None => format!("{{ path: '{}' }}", data.join("demo.redb").display()),
+        Some((url, stream)) => format!("{{ backend: nats, url: '{url}', stream: {stream} }}"),
+    }
+}
+
+fn config_text(upstream: SocketAddr, storage: &str, concurrency: usize) -> String {
     format!(
         "listen: 127.0.0.1:0
 admin: {{ listen: 127.0.0.1:0 }}
-storage: {{ path: '{data}' }}
+storage: {storage}
 shutdown_grace: 2s
 routes:
   - name: {DEFERRED}
@@ -365,7 +386,6 @@ routes:
       backoff: {{ initial: 50ms, max: 200ms }}
     circuit_breaker: {{ consecutive_failures: 5, open_for: 1s }}
 ",
-        data = data.join("demo.redb").display(),
         concurrency = concurrency.clamp(1, 64),
     )
 }
@@ -433,7 +453,13 @@ async fn demo(opts: Options) -> Result<bool, DemoError> {
 
     // 2. The same burst through spillway.
     let dir = tempfile::tempdir().map_err(DemoError::TempDir)?;
-    let text = config_text(upstream.addr, dir.path(), opts.concurrency);
+    let stream = format!("SPILLWAY_DEMO_{seed}");
+    let nats = opts.nats.as_deref().map(|url| (url, stream.as_str()));
+    let text = config_text(
+        upstream.addr,
+        &storage_text(dir.path(), nats),
+        opts.concurrency,
+    );
     let config =
         crate::config::from_str(&text, &dir.path().join("demo.yaml")).map_err(DemoError::Config)?;
     let app = App::build(config).await?;
@@ -523,7 +549,12 @@ async fn demo(opts: Options) -> Result<bool, DemoError> {
                 let _ = t.await;
             }
         }
-        let stats = store.stats(DEFERRED).await.ok();
+        let mut stats = store.stats(DEFERRED).await.ok();
+        // A backend that drops delivered jobs (nats) keeps no count of them: the
+        // upstream's 2xx answers to the deferred keys are the count.
+        if let Some(s) = stats.as_mut() {
+            s.delivered_kept = s.delivered_kept.max(upstream.seen.deferred_answered());
+        }
         let accepted = accepts.lock().jobs.len() as u64;
         let view = View {
             n: n as u64,
@@ -569,7 +600,8 @@ async fn demo(opts: Options) -> Result<bool, DemoError> {
         }
     }
     if !opts.tty {
-        let s = store.stats(DEFERRED).await.unwrap_or_default();
+        let mut s = store.stats(DEFERRED).await.unwrap_or_default();
+        s.delivered_kept = s.delivered_kept.max(upstream.seen.deferred_answered());
         out.line(
             &View {
                 n: n as u64,
@@ -589,6 +621,10 @@ async fn demo(opts: Options) -> Result<bool, DemoError> {
     let refused = std::mem::take(&mut accepts.lock().refused);
     let report = audit(&*store, &jobs, &upstream.seen).await;
     app.shutdown().await;
+    drop(store);
+    if let Some((url, stream)) = nats {
+        remove_demo_streams(url, stream).await;
+    }
 
     let (pass_ok, pass_failed) = tally(&passthrough.lock());
     let pass_total = passthrough.lock().len();
@@ -612,9 +648,14 @@ async fn demo(opts: Options) -> Result<bool, DemoError> {
         breakdown(&direct_failed)
     );
     let _ = writeln!(s, "  with spillway, deferrable route `{DEFERRED}`:");
+    let durable = if nats.is_some() {
+        "stored in the JetStream stream"
+    } else {
+        "on disk"
+    };
     let _ = writeln!(
         s,
-        "    accepted: {} (each 202 sent only once the job was on disk)",
+        "    accepted: {} (each 202 sent only once the job was {durable})",
         jobs.len()
     );
     if !refused.is_empty() {
@@ -644,13 +685,28 @@ async fn demo(opts: Options) -> Result<bool, DemoError> {
         );
     }
     let _ = writeln!(s, "    lost: {}", report.lost);
-    let _ = writeln!(
-        s,
-        "    attempts per job: avg {:.2}, max {} ({} jobs needed more than one)",
-        report.avg_attempts(),
-        report.max_attempts,
-        report.retried
-    );
+    if report.counted > 0 {
+        let _ = writeln!(
+            s,
+            "    attempts per job: avg {:.2}, max {} ({} jobs needed more than one)",
+            report.avg_attempts(),
+            report.max_attempts,
+            report.retried
+        );
+    } else {
+        // nats: delivered jobs leave the stream, and their attempt counts with them.
+        let _ = writeln!(
+            s,
+            "    upstream answers 2xx sent twice for one key: {}",
+            upstream
+                .seen
+                .accepted_keys
+                .lock()
+                .values()
+                .filter(|c| **c > 1)
+                .count()
+        );
+    }
     let slow_downs = upstream.seen.slow_downs.load(Ordering::Relaxed);
     if slow_downs > 0 {
         let _ = writeln!(
@@ -703,6 +759,8 @@ struct Audit {
     /// Accepted, then neither delivered (with the upstream's 2xx for its key) nor dead
     /// nor still stored.
     lost: u64,
+    /// Jobs whose attempts are known (still stored), and their attempts.
+    counted: u64,
     attempts: u64,
     max_attempts: u32,
     retried: u64,
@@ -710,11 +768,10 @@ struct Audit {
 
 impl Audit {
     fn avg_attempts(&self) -> f64 {
-        let done = self.delivered + self.dead;
-        if done == 0 {
+        if self.counted == 0 {
             0.0
         } else {
-            self.attempts as f64 / done as f64
+            self.attempts as f64 / self.counted as f64
         }
     }
 }
@@ -725,6 +782,12 @@ async fn audit(store: &dyn JobStore, jobs: &[(JobId, String)], seen: &Seen) -> A
     for (id, key) in jobs {
         let job = match store.get(*id).await {
             Ok(Some(j)) => j,
+            // A backend that drops jobs once delivered (nats): the upstream's 2xx for the
+            // job's key is the proof; its attempts are not known any more.
+            Ok(None) if upstream_ok.contains(key) => {
+                a.delivered += 1;
+                continue;
+            }
             // Unreadable or missing: it cannot be shown to be safe, so it counts as lost.
             Ok(None) | Err(_) => {
                 a.lost += 1;
@@ -740,6 +803,7 @@ async fn audit(store: &dyn JobStore, jobs: &[(JobId, String)], seen: &Seen) -> A
                 continue;
             }
         }
+        a.counted += 1;
         a.attempts += u64::from(job.attempts);
         a.max_attempts = a.max_attempts.max(job.attempts);
         if job.attempts > 1 {
@@ -748,6 +812,26 @@ async fn audit(store: &dyn JobStore, jobs: &[(JobId, String)], seen: &Seen) -> A
     }
     a
 }
+
+/// Removes the streams the demo's JetStream store made; a failure only leaves them behind.
+#[cfg(feature = "nats")]
+async fn remove_demo_streams(url: &str, stream: &str) {
+    let Ok(client) = async_nats::connect(url).await else {
+        return;
+    };
+    let js = async_nats::jetstream::new(client);
+    for name in [
+        stream.to_owned(),
+        format!("{stream}_DEAD"),
+        format!("{stream}_KEYS"),
+        format!("{stream}_STATE"),
+    ] {
+        let _ = js.delete_stream(name).await;
+    }
+}
+
+#[cfg(not(feature = "nats"))]
+async fn remove_demo_streams(_url: &str, _stream: &str) {}
 
 // === drawing ===
 
@@ -894,7 +978,11 @@ mod tests {
 
     #[test]
     fn the_demo_config_is_valid() {
-        let text = config_text("127.0.0.1:9".parse().unwrap(), Path::new("/tmp/x"), 16);
+        let text = config_text(
+            "127.0.0.1:9".parse().unwrap(),
+            &storage_text(Path::new("/tmp/x"), None),
+            16,
+        );
         let c = crate::config::from_str(&text, Path::new("demo.yaml")).unwrap();
         assert!(c.route(DEFERRED).is_some_and(|r| r.deferrable));
         assert!(c.route("quotes").is_some_and(|r| !r.deferrable));

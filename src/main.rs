@@ -78,6 +78,10 @@ enum Command {
         /// when stdout is not a terminal.
         #[arg(long)]
         no_tty: bool,
+        /// Keep the demo's queue in NATS JetStream at this URL (storage backend nats, a
+        /// stream of the demo's own, removed at the end) instead of a redb file.
+        #[arg(long, value_name = "URL")]
+        nats: Option<String>,
     },
 }
 
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
             seed,
             timeout,
             no_tty,
+            nats,
         } => {
             spillway::demo::init_logs();
             spillway::demo::run(spillway::demo::Options {
@@ -106,6 +111,7 @@ fn main() -> ExitCode {
                 seed,
                 timeout,
                 tty: !no_tty && spillway::demo::stdout_is_terminal(),
+                nats,
             })
         }
     }
