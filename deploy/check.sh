@@ -54,6 +54,7 @@ echo "-- spillway check: the pod's config"
 cargo build -q --bin spillway
 spillway="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/spillway"
 "$spillway" check -c deploy/kubernetes/base/spillway.yaml
+"$spillway" check -c deploy/kubernetes/overlays/nats/spillway.yaml
 
 echo "-- kubernetes: render with kustomize, validate against $K8S_VERSION (strict)"
 manifests=(deploy/kubernetes/base/deployment.yaml
@@ -62,7 +63,7 @@ manifests=(deploy/kubernetes/base/deployment.yaml
 python3 -m kubernetes_validate -k "$K8S_VERSION" --strict --quiet "${manifests[@]}"
 rendered=()
 if command -v kubectl >/dev/null; then
-    for k in deploy/kubernetes/base deploy/kubernetes/overlays/statefulset; do
+    for k in deploy/kubernetes/base deploy/kubernetes/overlays/statefulset deploy/kubernetes/overlays/nats; do
         out="$tmp/$(echo "$k" | tr / _).yaml"
         kubectl kustomize "$k" >"$out"
         rendered+=("$out")

@@ -260,9 +260,25 @@ def main(rendered):
     for path in rendered:
         docs = load(path)
         kinds = sorted(d["kind"] for d in docs)
+        # The nats overlay brings its own config; the others carry base's.
+        own = "overlays/nats/spillway.yaml" if "overlays_nats" in Path(path).name else "base/spillway.yaml"
         cms = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spillway-config"]
-        if len(cms) != 1 or cms[0]["data"].get("spillway.yaml") != (HERE / "base/spillway.yaml").read_text():
-            fail(path, "no spillway-config ConfigMap holding base/spillway.yaml")
+        if len(cms) != 1 or cms[0]["data"].get("spillway.yaml") != (HERE / own).read_text():
+            fail(path, f"no spillway-config ConfigMap holding {own}")
+        if own.startswith("overlays/nats"):
+            ncfg = yaml.safe_load((HERE / own).read_text())
+            if ncfg.get("storage", {}).get("backend") != "nats":
+                fail(own, "storage.backend must be nats")
+            for w in docs:
+                if w["kind"] != "Deployment":
+                    continue
+                pod = w["spec"]["template"]["spec"]
+                if "spillway-queue" in {v["name"] for v in pod.get("volumes", [])}:
+                    fail(path, "a NATS-backed pod needs no local queue volume")
+                creds = ncfg["storage"].get("credentials_file")
+                mounts = [m["mountPath"] for c in pod["initContainers"] if c["name"] == "spillway" for m in c.get("volumeMounts", [])]
+                if creds and not any(creds.startswith(m.rstrip("/") + "/") for m in mounts):
+                    fail(path, f"storage.credentials_file {creds} is not under a mounted volume")
         workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
         if len(workloads) != 1:
             fail(path, f"expected one workload, got {kinds}")
