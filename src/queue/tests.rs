@@ -760,6 +760,80 @@ mod nats_live {
     live_conformance!(fresh().await;
         quota_fixed_windows,
     );
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_with_other_settings_is_refused_by_name() {
+        let name = name();
+        let _guard = Streams(name.clone());
+        let js = async_nats::jetstream::new(async_nats::connect(url()).await.unwrap());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{name}.jobs.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let cfg = NatsConfig {
+            url: url(),
+            stream: name.clone(),
+            replicas: 1,
+            credentials_file: None,
+            ack_wait: std::time::Duration::from_secs(5),
+        };
+        let opts = NatsOptions {
+            routes: vec!["r".into()],
+            dedupe_window: std::time::Duration::from_secs(60),
+        };
+        let err = match NatsStore::open(&cfg, opts).await {
+            Ok(_) => panic!("a limits-retention stream was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(&format!("stream {name} has retention")),
+            "{err}"
+        );
+        assert!(err.contains("WorkQueue"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ack_wait_and_the_duplicate_window_follow_the_config() {
+        let name = name();
+        let _guard = Streams(name.clone());
+        let mut cfg = NatsConfig {
+            url: url(),
+            stream: name.clone(),
+            replicas: 1,
+            credentials_file: None,
+            ack_wait: std::time::Duration::from_secs(5),
+        };
+        let mut opts = NatsOptions {
+            routes: vec!["r".into()],
+            dedupe_window: std::time::Duration::from_secs(60),
+        };
+        let s = NatsStore::open(&cfg, opts.clone()).await.unwrap();
+        let id = stored(&s, job("r", "k", "b", now())).await;
+        drop(s);
+        cfg.ack_wait = std::time::Duration::from_secs(7);
+        opts.dedupe_window = std::time::Duration::from_secs(90);
+        let s = NatsStore::open(&cfg, opts).await.unwrap();
+        let js = async_nats::jetstream::new(async_nats::connect(url()).await.unwrap());
+        let mut stream = js.get_stream(&name).await.unwrap();
+        let info = stream.info().await.unwrap();
+        assert_eq!(
+            info.config.duplicate_window,
+            std::time::Duration::from_secs(90)
+        );
+        let consumer = stream.consumer_info("r").await.unwrap();
+        assert_eq!(consumer.config.ack_wait, std::time::Duration::from_secs(7));
+        // The job accepted before the change is still there, and still deduped.
+        assert_eq!(s.get(id).await.unwrap().unwrap().state, JobState::Queued);
+        assert_eq!(
+            s.enqueue(job("r", "k", "b", now()), WINDOW, DEEP)
+                .await
+                .unwrap(),
+            EnqueueOutcome::Duplicate(Durable::after_commit(id))
+        );
+    }
 }
 
 // === redb backend ===
