@@ -96,6 +96,8 @@ struct Lease {
 struct DepthCache {
     read_at: tokio::time::Instant,
     depth: u64,
+    /// One accept reads the server's count; the others use the last one meanwhile.
+    refreshing: bool,
 }
 
 /// See the module docs.
@@ -381,20 +383,36 @@ impl NatsStore {
     /// plus what this replica accepted since. Other replicas' accepts since the read are not
     /// seen, so the limit can be overshot by what they accept within that time.
     async fn depth(&self, route: &str) -> Result<u64, StoreError> {
-        if let Some(c) = self.depth.lock().get(route) {
-            if c.read_at.elapsed() < DEPTH_TTL {
-                return Ok(c.depth);
+        {
+            let mut map = self.depth.lock();
+            if let Some(c) = map.get_mut(route) {
+                if c.refreshing || c.read_at.elapsed() < DEPTH_TTL {
+                    return Ok(c.depth);
+                }
+                c.refreshing = true;
             }
         }
-        let depth = self.server_depth(route).await?;
-        self.depth.lock().insert(
-            route.to_owned(),
-            DepthCache {
-                read_at: tokio::time::Instant::now(),
-                depth,
-            },
-        );
-        Ok(depth)
+        let read = self.server_depth(route).await;
+        let mut map = self.depth.lock();
+        match read {
+            Ok(depth) => {
+                map.insert(
+                    route.to_owned(),
+                    DepthCache {
+                        read_at: tokio::time::Instant::now(),
+                        depth,
+                        refreshing: false,
+                    },
+                );
+                Ok(depth)
+            }
+            Err(e) => {
+                if let Some(c) = map.get_mut(route) {
+                    c.refreshing = false;
+                }
+                Err(e)
+            }
+        }
     }
 
     fn count_accept(&self, route: &str) {
@@ -1191,7 +1209,9 @@ impl JobStore for NatsStore {
             .is_some_and(|t| t.elapsed() < RETRY_POLL);
         Ok(Some(
             if info.num_pending > 0 || (waiting > 0 && !recently_empty) {
-                now
+                // Due already; JetStream does not say since when. Not `now`: the caller
+                // compares with a clock read before this round trip.
+                0
             } else if waiting > 0 {
                 now + RETRY_POLL.as_millis() as u64
             } else {
@@ -1210,7 +1230,11 @@ impl JobStore for NatsStore {
         let ack_pending = info.num_ack_pending as u64;
         let oldest = match self
             .jobs
-            .get_first_raw_message_by_subject(format!("{}.jobs.{}.*", self.stream, token(route)), 1)
+            // From the ack floor: everything below it is gone, so the search starts close.
+            .get_first_raw_message_by_subject(
+                format!("{}.jobs.{}.*", self.stream, token(route)),
+                info.ack_floor.stream_sequence + 1,
+            )
             .await
         {
             Ok(m) => decode_job(&m.payload).ok().map(|j| j.created_at_ms),
