@@ -471,6 +471,11 @@ pub(crate) async fn live_enqueue_lease_ack(s: &dyn JobStore) {
     let st = s.stats("r").await.unwrap();
     assert_eq!(st.queued, 1);
     assert_eq!(st.oldest_queued_created_at_ms, Some(new.created_at_ms));
+    // Due means "at or before a clock the caller read before asking": a later answer
+    // makes the dispatcher wait, and with a slow store it waited for ever.
+    let before = now();
+    let due = s.next_due("r").await.unwrap();
+    assert!(due.is_some_and(|d| d <= before), "{due:?} > {before}");
 
     let leased = lease_within(s, "r", 1, SOON).await;
     assert_eq!(leased.len(), 1);
