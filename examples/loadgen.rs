@@ -34,12 +34,18 @@ fn args() -> Result<Args, String> {
     let num = |i: usize, d: &str| a.get(i).map_or(d, |s| s.as_str()).to_owned();
     let body_len: usize = num(6, "0").parse().map_err(|e| format!("body: {e}"))?;
     Ok(Args {
-        host: a.get(5).filter(|h| !h.is_empty()).cloned().unwrap_or(auth.clone()),
+        host: a
+            .get(5)
+            .filter(|h| !h.is_empty())
+            .cloned()
+            .unwrap_or(auth.clone()),
         addr: auth,
         path: url.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         rate: a[2].parse().map_err(|e| format!("rate: {e}"))?,
         secs: a[3].parse().map_err(|e| format!("seconds: {e}"))?,
-        conns: num(4, "50").parse().map_err(|e| format!("connections: {e}"))?,
+        conns: num(4, "50")
+            .parse()
+            .map_err(|e| format!("connections: {e}"))?,
         body: Bytes::from(vec![b'x'; body_len]),
     })
 }
