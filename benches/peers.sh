@@ -5,7 +5,8 @@
 # PostgreSQL outbox INSERT, Redis XADD with appendfsync always, NATS JetStream publish with
 # ack, the disk's fsync rate. Then drain rate and memory.
 # Usage: bash benches/peers.sh [seconds-per-case] [--full]
-#   --full  also fills a queue to 1,000,000 jobs and records spillway's RSS (adds ~5 min).
+#   --full  also fills a queue to 1,000,000 jobs and records spillway's RSS (adds ~5 min;
+#           MILLION_JOBS=<n> sets another count, to check the case quickly).
 # Writes benches/results/<date>.{json,md,svg}. See benches/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,8 +76,9 @@ wait_port() { # port [seconds]: true once something accepts on it
   return 1
 }
 tree() { echo "$1"; ps -o pid= --ppid "$1" 2>/dev/null | tr -d ' '; } # a process and its children (nginx workers)
-cpu_ticks() { local t=0 p; for p in $(tree "$1"); do t=$(( t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12+$13}') )); done; echo "$t"; }
-mem_kb() { local t=0 p; for p in $(tree "$1"); do t=$(( t + $(awk -v k="$2:" '$1==k {print $2}' "/proc/$p/status") )); done; echo "$t"; }
+# utime+stime in clock ticks (fields 14 and 15, counted after the parenthesised name).
+cpu_ticks() { local t=0 p; for p in $(tree "$1"); do t=$(( t + $(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12+$13}' || echo 0) + 0 )); done; echo "$t"; }
+mem_kb() { local t=0 p; for p in $(tree "$1"); do t=$(( t + $(awk -v k="$2:" '$1==k {print $2}' "/proc/$p/status" 2>/dev/null || echo 0) + 0 )); done; echo "$t"; }
 kill_wait() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 cat >"$work/post.lua" <<'LUA'
@@ -111,14 +113,18 @@ measure_proxy() {
   local url="http://127.0.0.1:$port/" hdr=()
   [ -n "$host" ] && hdr=(-H "Host: $host")
   local rss_idle; rss_idle=$(mem_kb "$pid" VmRSS)
-  wrk -t2 -c50 -d"${WARM}s" "${hdr[@]}" "$url" >/dev/null
-  local one; one=$(wrk -t1 -c1 -d"${DUR}s" --latency "${hdr[@]}" "$url" | $REPORT wrk)
+  wrk -t2 -c50 -d"${WARM}s" "${hdr[@]}" "$url" >/dev/null || true
+  # A contender that dies mid-run leaves empty figures, not an aborted harness (|| true).
+  local one; one=$(wrk -t1 -c1 -d"${DUR}s" --latency "${hdr[@]}" "$url" | $REPORT wrk || true)
   local c0 c1 full
   c0=$(cpu_ticks "$pid")
-  full=$(wrk -t2 -c50 -d"${DUR}s" --latency "${hdr[@]}" "$url" | $REPORT wrk)
+  full=$(wrk -t2 -c50 -d"${DUR}s" --latency "${hdr[@]}" "$url" | $REPORT wrk || true)
   c1=$(cpu_ticks "$pid")
   local rps reqs; rps=$($REPORT get rate <<<"$full"); reqs=$($REPORT get requests <<<"$full")
-  local half; half=$("$BIN/examples/loadgen" "$url" "$(awk -v r="$rps" 'BEGIN {printf "%d", r/2}')" "$DUR" 50 "$host")
+  local half='{"error": "no max rate to halve"}'
+  if [ "${rps%.*}" -gt 1 ] 2>/dev/null; then
+    half=$("$BIN/examples/loadgen" "$url" "$(awk -v r="$rps" 'BEGIN {printf "%d", r/2}')" "$DUR" 50 "$host" || echo '{"error": "loadgen failed"}')
+  fi
   local rss_peak; rss_peak=$(mem_kb "$pid" VmHWM)
   local cpu_us; cpu_us=$(awk -v t=$((c1 - c0)) -v k="$CLK" -v n="$reqs" 'BEGIN {printf "%.2f", n ? t*1e6/k/n : 0}')
   emit group=passthrough name="$name" one="$one" c50="$full" half="$half" cpu_us_per_req="$cpu_us" \
@@ -298,8 +304,8 @@ echo "  disk: $fsyncs synchronous 4 KiB writes/s"
 # accept_wrk name: spillway deferred accepts at 1 and 50 clients into the running instance.
 accept_wrk() {
   local one fifty
-  one=$(wrk -t1 -c1 -d"${DUR}s" --latency -s "$work/post.lua" "http://$PROXY/v1/events" | $REPORT wrk)
-  fifty=$(wrk -t2 -c50 -d"${DUR}s" --latency -s "$work/post.lua" "http://$PROXY/v1/events" | $REPORT wrk)
+  one=$(wrk -t1 -c1 -d"${DUR}s" --latency -s "$work/post.lua" "http://$PROXY/v1/events" | $REPORT wrk || true)
+  fifty=$(wrk -t2 -c50 -d"${DUR}s" --latency -s "$work/post.lua" "http://$PROXY/v1/events" | $REPORT wrk || true)
   emit group=accept name="$1" one="$one" c50="$fifty"
   echo "  $1: 1 client: $one"
   echo "  $1: 50 clients: $fifty"
@@ -423,13 +429,14 @@ fi
 
 # === a million jobs queued ===
 if [ "$FULL" = 1 ]; then
-  echo "memory with 1,000,000 jobs queued"
+  JOBS=${MILLION_JOBS:-1000000}
+  echo "memory with $JOBS jobs queued"
   if start_spillway "{ path: $work/sw/queue.redb }"; then
     t0=$(date +%s)
-    while [ "$(depth)" -lt 1000000 ] && [ $(( $(date +%s) - t0 )) -lt 900 ]; do
-      wrk -t2 -c50 -d10s -s "$work/post.lua" "http://$PROXY/v1/events" >/dev/null
+    while [ "$(depth)" -lt "$JOBS" ] && [ $(( $(date +%s) - t0 )) -lt 900 ]; do
+      wrk -t2 -c50 -d$(( JOBS < 1000000 ? 2 : 10 ))s -s "$work/post.lua" "http://$PROXY/v1/events" >/dev/null
     done
-    emit group=million name=spillway jobs="$(depth)" queue_bytes="$(stat -c %s "$work/sw/queue.redb")" \
+    emit group=million name=spillway jobs="$(depth)" wanted="$JOBS" queue_bytes="$(stat -c %s "$work/sw/queue.redb")" \
       rss_kb="$(mem_kb "$SW_PID" VmRSS)" rss_peak_kb="$(mem_kb "$SW_PID" VmHWM)"
     kill_wait "$SW_PID"
   else

@@ -41,7 +41,11 @@ fn args() -> Result<Args, String> {
             .unwrap_or(auth.clone()),
         addr: auth,
         path: url.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
-        rate: a[2].parse().map_err(|e| format!("rate: {e}"))?,
+        rate: a[2]
+            .parse::<f64>()
+            .ok()
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .ok_or("rate: a positive number of requests per second")?,
         secs: a[3].parse().map_err(|e| format!("seconds: {e}"))?,
         conns: num(4, "50")
             .parse()
