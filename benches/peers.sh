@@ -316,7 +316,7 @@ drain() {
   stored=$(depth); t0=$(date +%s.%N)
   curl -fsS -X POST "http://$ADMIN/routes/defer/resume" >/dev/null
   end=$(( $(date +%s) + 600 ))
-  while [ "$(depth)" != 0 ] && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
+  while [ "$(depth)" != 0 ] && [ "$(date +%s)" -lt "$end" ]; do sleep 0.5; done
   t1=$(date +%s.%N); left=$(depth)
   emit group=drain name="$1" jobs=$((stored - left)) left="$left" \
     seconds="$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b-a}')" rss_peak_kb="$(mem_kb "$SW_PID" VmHWM)"
