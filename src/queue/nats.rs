@@ -64,11 +64,12 @@ use crate::config::NatsConfig;
 
 /// How long a depth count read from the server is used before it is read again; accepts of
 /// this replica since the read are added to it.
-const DEPTH_TTL: Duration = Duration::from_millis(100);
+const DEPTH_TTL: Duration = Duration::from_secs(1);
 /// Tries of a compare-and-set on a quota counter before giving up as busy.
 const QUOTA_TRIES: usize = 16;
-/// How often a route whose jobs all wait out retry delays asks JetStream for redeliveries.
-const RETRY_POLL: Duration = Duration::from_millis(100);
+/// How long a route whose last fetch came back empty waits before fetching again (new jobs
+/// from other replicas, retry delays that ended).
+const IDLE_POLL: Duration = Duration::from_millis(250);
 /// Largest dead-letter list `replay_dead` or `list` reads in one call.
 const SCAN_MAX: usize = 100_000;
 /// What a key marker says of the job that held the key.
@@ -855,6 +856,8 @@ impl JobStore for NatsStore {
             return self.duplicate(&new, ack.sequence).await;
         }
         self.count_accept(&job.route);
+        // Deliver it now rather than after the idle poll.
+        self.empty_at.lock().remove(&job.route);
         Ok(EnqueueOutcome::Stored(Durable::after_commit(job.id)))
     }
 
@@ -1193,31 +1196,25 @@ impl JobStore for NatsStore {
     }
 
     async fn next_due(&self, route: &str) -> Result<Option<u64>, StoreError> {
-        // JetStream holds the due times. Never delivered: due now. Pending acks beyond this
-        // replica's leases are jobs waiting out a retry delay (or leased by a replica that may
-        // be gone): their redelivery is only seen by asking, so ask every RETRY_POLL.
-        // Otherwise look again within a second, for jobs other replicas accept.
-        let consumer = self.consumer(route).await?;
-        let info = self.seen(consumer.get_info().await)?;
-        let now = now_ms();
-        let leased = self.leased(route) as u64;
-        let waiting = (info.num_ack_pending as u64).saturating_sub(leased);
-        let recently_empty = self
+        // JetStream holds the due times, so the answer is "due" unless the last fetch came
+        // back empty within IDLE_POLL: then look again after it. No server call here: on a
+        // 2.9 server a consumer's pending count costs a walk over every subject of the
+        // stream (one per job), which stalled delivery of large backlogs. An accept on this
+        // replica clears the idle mark, so its own jobs go out at once; other replicas'
+        // accepts and ended retry delays are seen within IDLE_POLL.
+        let _ = self.consumer(route).await?;
+        let idle = self
             .empty_at
             .lock()
             .get(route)
-            .is_some_and(|t| t.elapsed() < RETRY_POLL);
-        Ok(Some(
-            if info.num_pending > 0 || (waiting > 0 && !recently_empty) {
-                // Due already; JetStream does not say since when. Not `now`: the caller
-                // compares with a clock read before this round trip.
-                0
-            } else if waiting > 0 {
-                now + RETRY_POLL.as_millis() as u64
-            } else {
-                now + 1_000
-            },
-        ))
+            .is_some_and(|t| t.elapsed() < IDLE_POLL);
+        Ok(Some(if idle {
+            now_ms() + IDLE_POLL.as_millis() as u64
+        } else {
+            // Due already; JetStream does not say since when. Not `now`: the caller
+            // compares with a clock read before this call.
+            0
+        }))
     }
 
     async fn stats(&self, route: &str) -> Result<RouteStats, StoreError> {
