@@ -373,11 +373,14 @@ impl NatsStore {
         Ok(consumer)
     }
 
-    /// Queued + leased + waiting to be retried, as the server counts them.
-    async fn server_depth(&self, route: &str) -> Result<u64, StoreError> {
-        let consumer = self.consumer(route).await?;
-        let info = self.seen(consumer.get_info().await)?;
-        Ok(info.num_pending + info.num_ack_pending as u64)
+    /// Undelivered jobs of every route in the stream (a work queue holds nothing else): at
+    /// least the route's own depth. Not the consumer's pending count: a 2.9 server computes
+    /// that by walking every subject (one per job) with the stream locked, which stalled
+    /// concurrent accepts for tens of ms on a large backlog. So `max_depth` is conservative
+    /// when routes share a stream: it counts their jobs together.
+    async fn server_depth(&self, _route: &str) -> Result<u64, StoreError> {
+        let info = self.seen(self.jobs.get_info().await)?;
+        Ok(info.state.messages)
     }
 
     /// The route's depth for the `max_depth` check: a server count at most [`DEPTH_TTL`] old
