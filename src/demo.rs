@@ -816,18 +816,7 @@ async fn audit(store: &dyn JobStore, jobs: &[(JobId, String)], seen: &Seen) -> A
 /// Removes the streams the demo's JetStream store made; a failure only leaves them behind.
 #[cfg(feature = "nats")]
 async fn remove_demo_streams(url: &str, stream: &str) {
-    let Ok(client) = async_nats::connect(url).await else {
-        return;
-    };
-    let js = async_nats::jetstream::new(client);
-    for name in [
-        stream.to_owned(),
-        format!("{stream}_DEAD"),
-        format!("{stream}_KEYS"),
-        format!("{stream}_STATE"),
-    ] {
-        let _ = js.delete_stream(name).await;
-    }
+    crate::queue::NatsStore::remove_streams(url, stream).await;
 }
 
 #[cfg(not(feature = "nats"))]

@@ -43,26 +43,37 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let (url, name) = (self.url.clone(), self.stream.clone());
+        // Its own thread and runtime: the test's runtime is shutting down.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
+            tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(c) = async_nats::connect(url).await {
-                    let js = async_nats::jetstream::new(c);
-                    for s in [
-                        name.clone(),
-                        format!("{name}_DEAD"),
-                        format!("{name}_KEYS"),
-                        format!("{name}_STATE"),
-                    ] {
-                        let _ = js.delete_stream(s).await;
-                    }
-                }
-            });
+                .unwrap()
+                .block_on(spillway::queue::NatsStore::remove_streams(&url, &name))
         })
         .join();
+    }
+}
+
+/// Polls until the upstream answered 2xx to every key in `accepted`, or panics after `within`.
+async fn wait_delivered(upstream: &FaultyUpstream, accepted: &HashSet<String>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let done: HashSet<String> = upstream
+            .seen()
+            .iter()
+            .filter(|s| s.answered_2xx())
+            .map(|s| s.key())
+            .collect();
+        if accepted.is_subset(&done) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "answered 202 but not delivered within {within:?}: {:?}",
+            accepted.difference(&done).take(10).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -159,24 +170,7 @@ async fn a_killed_replica_s_jobs_are_delivered_by_the_other() {
     assert_eq!(support::send(b.proxy, post("poison")).await.status, 202);
 
     // Every accepted job gets a 2xx, delivered by the survivor.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let done: HashSet<String> = upstream
-            .seen()
-            .iter()
-            .filter(|s| s.answered_2xx())
-            .map(|s| s.key())
-            .collect();
-        if accepted.is_subset(&done) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not delivered within 60s: {:?}",
-            accepted.difference(&done).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_delivered(&upstream, &accepted, Duration::from_secs(60)).await;
 
     let seen = upstream.seen();
     // max_attempts holds per key (the poison job is tried exactly that often).
@@ -361,27 +355,10 @@ async fn nats_restarted_mid_load_loses_no_accepted_job() {
     let refused = refused.load(Ordering::Relaxed);
     assert!(accepted.len() > 200, "{} accepted", accepted.len());
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let done: HashSet<String> = upstream
-            .seen()
-            .iter()
-            .filter(|s| s.answered_2xx())
-            .map(|s| s.key())
-            .collect();
-        if accepted.is_subset(&done) {
-            println!(
-                "{} accepted, {refused} refused during the restart, all delivered; {} sends",
-                accepted.len(),
-                upstream.count()
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "answered 202 but never delivered: {:?}",
-            accepted.difference(&done).take(10).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_delivered(&upstream, &accepted, Duration::from_secs(60)).await;
+    println!(
+        "{} accepted, {refused} refused during the restart, all delivered; {} sends",
+        accepted.len(),
+        upstream.count()
+    );
 }

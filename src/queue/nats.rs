@@ -293,6 +293,24 @@ impl NatsStore {
         Ok(store)
     }
 
+    /// Deletes the streams a store named `stream` made (jobs, dead letters, keys, state),
+    /// with every job in them: for demos and tests that used a stream of their own. Streams
+    /// that are not there, or a server that does not answer, are left as they are.
+    pub async fn remove_streams(url: &str, stream: &str) {
+        let Ok(client) = async_nats::connect(url).await else {
+            return;
+        };
+        let js = jetstream::new(client);
+        for name in [
+            stream.to_owned(),
+            format!("{stream}_DEAD"),
+            format!("{stream}_KEYS"),
+            format!("{stream}_STATE"),
+        ] {
+            let _ = js.delete_stream(name).await;
+        }
+    }
+
     fn job_subject(&self, route: &str, id: JobId) -> String {
         format!("{}.jobs.{}.{}", self.stream, token(route), id)
     }

@@ -425,6 +425,12 @@ mod redb_conformance {
         list_newest_first_with_cursor,
         stats_follow_every_transition,
         routes_lists_routes_with_stored_jobs,
+        live_enqueue_lease_ack,
+        live_dedupe_and_key_conflict,
+        live_reschedule_redelivers_later,
+        live_dead_retry_replay_delete,
+        live_pause_and_resume,
+        live_max_depth_and_listing,
     );
 }
 
@@ -500,8 +506,8 @@ pub(crate) async fn live_enqueue_lease_ack(s: &dyn JobStore) {
     ));
 }
 
-pub(crate) async fn live_dedupe_and_key_conflict(s: &dyn JobStore) {
-    let id = stored(s, job("r", "key", "body", now())).await;
+/// Key "key" on route "r" is held by `id`: the same body is a duplicate, another a conflict.
+async fn replays_answer_with(s: &dyn JobStore, id: JobId) {
     assert_eq!(
         s.enqueue(job("r", "key", "body", now()), WINDOW, DEEP)
             .await
@@ -514,24 +520,18 @@ pub(crate) async fn live_dedupe_and_key_conflict(s: &dyn JobStore) {
             .unwrap(),
         EnqueueOutcome::KeyConflict(id)
     );
+}
+
+pub(crate) async fn live_dedupe_and_key_conflict(s: &dyn JobStore) {
+    let id = stored(s, job("r", "key", "body", now())).await;
+    replays_answer_with(s, id).await;
     // Same key on another route is another job.
     stored(s, job("r2", "key", "different", now())).await;
     assert_eq!(s.stats("r").await.unwrap().queued, 1);
     // Delivered: still the same job within the window.
     assert_eq!(lease_within(s, "r", 1, SOON).await.len(), 1);
     s.ack(id, now()).await.unwrap();
-    assert_eq!(
-        s.enqueue(job("r", "key", "body", now()), WINDOW, DEEP)
-            .await
-            .unwrap(),
-        EnqueueOutcome::Duplicate(Durable::after_commit(id))
-    );
-    assert_eq!(
-        s.enqueue(job("r", "key", "other", now()), WINDOW, DEEP)
-            .await
-            .unwrap(),
-        EnqueueOutcome::KeyConflict(id)
-    );
+    replays_answer_with(s, id).await;
 }
 
 pub(crate) async fn live_reschedule_redelivers_later(s: &dyn JobStore) {
@@ -650,36 +650,6 @@ pub(crate) async fn live_max_depth_and_listing(s: &dyn JobStore) {
     assert_eq!(s.routes().await.unwrap(), ["r"]);
 }
 
-/// Every wall-clock check, each against a fresh store from `make`.
-macro_rules! live_conformance {
-    ($make:expr; $($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            let (_guard, store) = $make;
-            super::$name(&store).await;
-        }
-    )*};
-}
-
-mod redb_live {
-    use super::*;
-
-    fn fresh() -> (tempfile::TempDir, RedbStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path().join("q/queue.redb"), 4 << 20).unwrap();
-        (dir, store)
-    }
-
-    live_conformance!(fresh();
-        live_enqueue_lease_ack,
-        live_dedupe_and_key_conflict,
-        live_reschedule_redelivers_later,
-        live_dead_retry_replay_delete,
-        live_pause_and_resume,
-        live_max_depth_and_listing,
-    );
-}
-
 /// The JetStream backend against the NATS server of the machine (`SPILLWAY_TEST_NATS_URL`,
 /// default `nats://127.0.0.1:4222`; `.ci/run` starts one). Each test has its own stream,
 /// removed when it ends.
@@ -698,26 +668,13 @@ mod nats_live {
     impl Drop for Streams {
         fn drop(&mut self) {
             let name = self.0.clone();
-            let url = url();
             // Its own thread and runtime: the test's runtime is shutting down.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
+                tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .unwrap();
-                rt.block_on(async {
-                    if let Ok(c) = async_nats::connect(url).await {
-                        let js = async_nats::jetstream::new(c);
-                        for s in [
-                            name.clone(),
-                            format!("{name}_DEAD"),
-                            format!("KV_{name}_KEYS"),
-                            format!("KV_{name}_STATE"),
-                        ] {
-                            let _ = js.delete_stream(s).await;
-                        }
-                    }
-                });
+                    .unwrap()
+                    .block_on(NatsStore::remove_streams(&url(), &name))
             })
             .join();
         }
@@ -753,7 +710,7 @@ mod nats_live {
         (Streams(name), store)
     }
 
-    live_conformance!(fresh().await;
+    conformance!(fresh().await;
         live_enqueue_lease_ack,
         live_dedupe_and_key_conflict,
         live_reschedule_redelivers_later,
@@ -762,7 +719,7 @@ mod nats_live {
         live_max_depth_and_listing,
     );
 
-    live_conformance!(fresh().await;
+    conformance!(fresh().await;
         quota_fixed_windows,
     );
 
