@@ -265,18 +265,18 @@ fn nats_server_bin() -> String {
 }
 
 impl OwnNats {
-    fn start() -> OwnNats {
+    async fn start() -> OwnNats {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let dir = tempfile::tempdir().unwrap();
-        let child = Self::spawn(port, dir.path());
+        let child = Self::spawn(port, dir.path()).await;
         OwnNats { child, port, dir }
     }
 
-    fn spawn(port: u16, dir: &std::path::Path) -> Child {
+    async fn spawn(port: u16, dir: &std::path::Path) -> Child {
         let child = Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir)
@@ -286,9 +286,12 @@ impl OwnNats {
             .expect("nats-server is needed for this test (apt-get install nats-server)");
         // Ready when it accepts connections.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
             assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         child
     }
@@ -297,10 +300,10 @@ impl OwnNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn kill9_and_restart(&mut self) {
+    async fn kill9_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = Self::spawn(self.port, self.dir.path());
+        self.child = Self::spawn(self.port, self.dir.path()).await;
     }
 }
 
@@ -313,7 +316,7 @@ impl Drop for OwnNats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarted_mid_load_loses_no_accepted_job() {
-    let mut nats = OwnNats::start();
+    let mut nats = OwnNats::start().await;
     let upstream = FaultyUpstream::start(|_, _| Fault::status(200)).await;
     let yaml = config(&nats.url(), "LOAD", upstream.addr).replace(
         "rate_limit: { per_second: 20, burst: 5 }",
@@ -347,7 +350,7 @@ async fn nats_restarted_mid_load_loses_no_accepted_job() {
         accepted.lock().len() >= 200
     })
     .await;
-    nats.kill9_and_restart();
+    nats.kill9_and_restart().await;
     for s in senders {
         s.await.unwrap();
     }

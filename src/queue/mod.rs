@@ -434,7 +434,9 @@ pub trait JobStore: Send + Sync + 'static {
         now_ms: u64,
     ) -> Result<Option<u64>, StoreError>;
 
-    /// Earliest next_attempt_at of the route's queued/retrying jobs.
+    /// Earliest next_attempt_at of the route's queued/retrying jobs. Callers compare it with
+    /// a clock read before the call, so a backend that knows only "due now" (nats) answers 0,
+    /// never its own later clock.
     async fn next_due(&self, route: &str) -> Result<Option<u64>, StoreError>;
 
     async fn stats(&self, route: &str) -> Result<RouteStats, StoreError>;

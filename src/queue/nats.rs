@@ -115,8 +115,9 @@ pub struct NatsStore {
     known: Mutex<BTreeSet<String>>,
     consumers: tokio::sync::Mutex<HashMap<String, PullConsumer>>,
     leases: Arc<Mutex<HashMap<JobId, Lease>>>,
-    depth: Mutex<HashMap<String, DepthCache>>,
-    /// When a route's last lease came back empty while jobs waited out retry delays.
+    /// The stream's undelivered jobs (all routes), see [`Self::depth`].
+    depth: Mutex<Option<DepthCache>>,
+    /// When a route's last fetch came back empty (see `next_due`).
     empty_at: Mutex<HashMap<String, tokio::time::Instant>>,
     failed: AtomicBool,
     progress: tokio::task::JoinHandle<()>,
@@ -150,6 +151,11 @@ fn key_hash(route: &str, key: &str) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
+/// Where `reschedule` keeps a retrying job's attempts, due time and last outcome.
+fn retry_key(id: JobId) -> String {
+    format!("retry.{id}")
+}
+
 fn now_ms() -> u64 {
     crate::proxy::defer::now_ms()
 }
@@ -169,15 +175,6 @@ fn decode_marker(v: &[u8]) -> Option<(JobId, [u8; 32], u8)> {
     let id = u128::from_be_bytes(v[..16].try_into().ok()?);
     let fp: [u8; 32] = v[16..48].try_into().ok()?;
     Some((JobId::from_u128(id), fp, v[48]))
-}
-
-/// `(paused, paused_until_ms)` as stored under `route.<r>`.
-fn encode_control(paused: bool, until: Option<u64>) -> Bytes {
-    schema::encode_route(&schema::RouteRecordV1 {
-        paused,
-        paused_until_ms: until,
-    })
-    .into()
 }
 
 fn decode_job(bytes: &[u8]) -> Result<Job, StoreError> {
@@ -331,10 +328,7 @@ impl NatsStore {
                 self.failed.store(false, Ordering::Relaxed);
                 Ok(v)
             }
-            Err(e) => {
-                self.failed.store(true, Ordering::Relaxed);
-                Err(unavailable(e))
-            }
+            Err(e) => Err(self.fail(e)),
         }
     }
 
@@ -391,45 +385,35 @@ impl NatsStore {
         Ok(consumer)
     }
 
-    /// Undelivered jobs of every route in the stream (a work queue holds nothing else): at
-    /// least the route's own depth. Not the consumer's pending count: a 2.9 server computes
-    /// that by walking every subject (one per job) with the stream locked, which stalled
-    /// concurrent accepts for tens of ms on a large backlog. So `max_depth` is conservative
-    /// when routes share a stream: it counts their jobs together.
-    async fn server_depth(&self, _route: &str) -> Result<u64, StoreError> {
-        let info = self.seen(self.jobs.get_info().await)?;
-        Ok(info.state.messages)
-    }
-
-    /// The route's depth for the `max_depth` check: a server count at most [`DEPTH_TTL`] old
-    /// plus what this replica accepted since. Other replicas' accepts since the read are not
-    /// seen, so the limit can be overshot by what they accept within that time.
-    async fn depth(&self, route: &str) -> Result<u64, StoreError> {
+    /// What the `max_depth` check compares with: the stream's message count (a work queue
+    /// holds only undelivered jobs, of every route), at most [`DEPTH_TTL`] old, plus what this
+    /// replica accepted since. So the check is conservative when routes share a stream, and
+    /// other replicas' accepts since the read are not seen. Not the consumer's pending count:
+    /// a 2.9 server computes that by walking every subject (one per job) with the stream
+    /// locked, which stalled concurrent accepts for tens of ms on a large backlog.
+    async fn depth(&self) -> Result<u64, StoreError> {
         {
-            let mut map = self.depth.lock();
-            if let Some(c) = map.get_mut(route) {
+            let mut cache = self.depth.lock();
+            if let Some(c) = cache.as_mut() {
                 if c.refreshing || c.read_at.elapsed() < DEPTH_TTL {
                     return Ok(c.depth);
                 }
                 c.refreshing = true;
             }
         }
-        let read = self.server_depth(route).await;
-        let mut map = self.depth.lock();
-        match read {
-            Ok(depth) => {
-                map.insert(
-                    route.to_owned(),
-                    DepthCache {
-                        read_at: tokio::time::Instant::now(),
-                        depth,
-                        refreshing: false,
-                    },
-                );
-                Ok(depth)
+        let read = self.jobs.get_info().await;
+        let mut cache = self.depth.lock();
+        match self.seen(read) {
+            Ok(info) => {
+                *cache = Some(DepthCache {
+                    read_at: tokio::time::Instant::now(),
+                    depth: info.state.messages,
+                    refreshing: false,
+                });
+                Ok(info.state.messages)
             }
             Err(e) => {
-                if let Some(c) = map.get_mut(route) {
+                if let Some(c) = cache.as_mut() {
                     c.refreshing = false;
                 }
                 Err(e)
@@ -437,8 +421,8 @@ impl NatsStore {
         }
     }
 
-    fn count_accept(&self, route: &str) {
-        if let Some(c) = self.depth.lock().get_mut(route) {
+    fn count_accept(&self) {
+        if let Some(c) = self.depth.lock().as_mut() {
             c.depth += 1;
         }
     }
@@ -462,7 +446,7 @@ impl NatsStore {
 
     /// Retry details written by `reschedule`: attempts, due time and last outcome.
     async fn retry_info(&self, id: JobId) -> Result<Option<Job>, StoreError> {
-        let v = self.seen(self.state.get(&format!("retry.{id}")).await)?;
+        let v = self.seen(self.state.get(&retry_key(id)).await)?;
         v.map(|b| decode_job(&b)).transpose()
     }
 
@@ -518,19 +502,37 @@ impl NatsStore {
         job: &Job,
         msg_id: &str,
     ) -> Result<jetstream::publish::PublishAck, StoreError> {
+        self.publish_record(self.job_subject(&job.route, job.id), job, msg_id)
+            .await
+    }
+
+    /// Publishes a job record on `subject` with `msg_id` (JetStream drops a repeat of it
+    /// within the duplicate window) and waits for the stream's ack.
+    async fn publish_record(
+        &self,
+        subject: String,
+        job: &Job,
+        msg_id: &str,
+    ) -> Result<jetstream::publish::PublishAck, StoreError> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
         let payload: Bytes = schema::encode_job(job).into();
         let ack = self.seen(
             self.js
-                .publish_with_headers(self.job_subject(&job.route, job.id), headers, payload)
+                .publish_with_headers(subject, headers, payload)
                 .await,
         )?;
         self.seen(ack.await)
     }
 
-    /// The answer to a repeated key whose original is at `seq`.
-    async fn duplicate(&self, new: &NewJob, seq: u64) -> Result<EnqueueOutcome, StoreError> {
+    /// The answer to a repeated key (hash `key`) whose original is at `seq`; `job` is the
+    /// repeat, not stored.
+    async fn duplicate(
+        &self,
+        job: &Job,
+        key: &str,
+        seq: u64,
+    ) -> Result<EnqueueOutcome, StoreError> {
         let original = match self.jobs.get_raw_message(seq).await {
             Ok(m) => Some(decode_job(&m.payload)?),
             Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => None,
@@ -539,16 +541,13 @@ impl NatsStore {
         let (id, fp) = match original {
             Some(j) => (j.id, j.fingerprint),
             None => {
-                let key = key_hash(&new.route, &new.idempotency_key);
-                match self.seen(self.keys.get(&key).await)?.and_then(|v| decode_marker(&v)) {
+                match self.seen(self.keys.get(key).await)?.and_then(|v| decode_marker(&v)) {
                     Some((_, _, MARK_DELETED)) => {
                         // The job holding the key was deleted: the key is free, but JetStream
                         // still remembers it, so this job is stored under its own msg id.
-                        let msg_id = format!("{}-{}", key_hash(&new.route, &new.idempotency_key), new.id);
-                        let job = Job::from_new(new.clone());
-                        self.publish_job(&job, &msg_id).await?;
+                        self.publish_job(job, &format!("{key}-{}", job.id)).await?;
                         // Later replays find the new job through the marker, not the old msg id.
-                        self.mark_key(&job, MARK_PENDING).await?;
+                        self.mark_key(job, MARK_PENDING).await?;
                         return Ok(EnqueueOutcome::Stored(Durable::after_commit(job.id)));
                     }
                     Some((id, fp, _)) => (id, fp),
@@ -560,11 +559,16 @@ impl NatsStore {
                 }
             }
         };
-        Ok(if fp == new.fingerprint {
+        Ok(Self::held_by(id, fp, job))
+    }
+
+    /// The answer to a replay of a key held by `id`: the same request is a duplicate.
+    fn held_by(id: JobId, fingerprint: [u8; 32], job: &Job) -> EnqueueOutcome {
+        if fingerprint == job.fingerprint {
             EnqueueOutcome::Duplicate(Durable::after_commit(id))
         } else {
             EnqueueOutcome::KeyConflict(id)
-        })
+        }
     }
 
     /// Jobs of `route` leased by this process.
@@ -574,6 +578,25 @@ impl NatsStore {
             .values()
             .filter(|l| l.job.route == route)
             .count()
+    }
+
+    /// Writes a route's `(paused, paused_until_ms)`; replicas read it in `route_control`.
+    async fn put_control(
+        &self,
+        route: &str,
+        paused: bool,
+        until: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let value = schema::encode_route(&schema::RouteRecordV1 {
+            paused,
+            paused_until_ms: until,
+        });
+        self.seen(
+            self.state
+                .put(&format!("route.{route}"), value.into())
+                .await,
+        )?;
+        Ok(())
     }
 
     fn take_lease(&self, id: JobId) -> Result<Lease, StoreError> {
@@ -852,31 +875,32 @@ impl JobStore for NatsStore {
         _dedupe_window_ms: u64,
         max_depth: u64,
     ) -> Result<EnqueueOutcome, StoreError> {
-        self.known.lock().insert(new.route.clone());
-        if self.depth(&new.route).await? >= max_depth {
+        let job = Job::from_new(new);
+        {
+            let mut known = self.known.lock();
+            if !known.contains(&job.route) {
+                known.insert(job.route.clone());
+            }
+        }
+        let msg_id = key_hash(&job.route, &job.idempotency_key);
+        if self.depth().await? >= max_depth {
             // A replay of a stored key is still answered when full (as redb does): look for it.
-            let key = key_hash(&new.route, &new.idempotency_key);
+            let key = &msg_id;
             if let Some((id, fp, mark)) = self
-                .seen(self.keys.get(&key).await)?
+                .seen(self.keys.get(key).await)?
                 .and_then(|v| decode_marker(&v))
             {
                 if mark != MARK_DELETED {
-                    return Ok(if fp == new.fingerprint {
-                        EnqueueOutcome::Duplicate(Durable::after_commit(id))
-                    } else {
-                        EnqueueOutcome::KeyConflict(id)
-                    });
+                    return Ok(Self::held_by(id, fp, &job));
                 }
             }
             return Ok(EnqueueOutcome::QueueFull);
         }
-        let job = Job::from_new(new.clone());
-        let msg_id = key_hash(&job.route, &job.idempotency_key);
         let ack = self.publish_job(&job, &msg_id).await?;
         if ack.duplicate {
-            return self.duplicate(&new, ack.sequence).await;
+            return self.duplicate(&job, &msg_id, ack.sequence).await;
         }
-        self.count_accept(&job.route);
+        self.count_accept();
         // Deliver it now rather than after the idle poll.
         self.empty_at.lock().remove(&job.route);
         Ok(EnqueueOutcome::Stored(Durable::after_commit(job.id)))
@@ -956,7 +980,7 @@ impl JobStore for NatsStore {
             return Err(e);
         }
         if lease.job.attempts > 1 {
-            let _ = self.state.purge(&format!("retry.{id}")).await;
+            let _ = self.state.purge(&retry_key(id)).await;
         }
         Ok(())
     }
@@ -980,7 +1004,7 @@ impl JobStore for NatsStore {
         let result = async {
             self.seen(
                 self.state
-                    .put(&format!("retry.{id}"), schema::encode_job(&info).into())
+                    .put(&retry_key(id), schema::encode_job(&info).into())
                     .await,
             )?;
             self.seen(lease.msg.double_ack_with(AckKind::Nak(Some(delay))).await)
@@ -1008,18 +1032,9 @@ impl JobStore for NatsStore {
             dead.last = last;
         }
         let result = async {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", id.to_string().as_str());
-            let ack = self.seen(
-                self.js
-                    .publish_with_headers(
-                        self.dead_subject(&dead.route, id),
-                        headers,
-                        Bytes::from(schema::encode_job(&dead)),
-                    )
-                    .await,
-            )?;
-            self.seen(ack.await)?;
+            // Msg id = job id: a repeat after a crash stores one dead record.
+            self.publish_record(self.dead_subject(&dead.route, id), &dead, &id.to_string())
+                .await?;
             self.mark_key(&dead, MARK_DEAD).await?;
             self.seen(lease.msg.double_ack_with(AckKind::Term).await)
         }
@@ -1028,7 +1043,7 @@ impl JobStore for NatsStore {
             self.restore_lease(id, lease);
             return Err(e);
         }
-        let _ = self.state.purge(&format!("retry.{id}")).await;
+        let _ = self.state.purge(&retry_key(id)).await;
         Ok(())
     }
 
@@ -1125,7 +1140,7 @@ impl JobStore for NatsStore {
             }
         }
         self.mark_key(&job, MARK_DELETED).await?;
-        let _ = self.state.purge(&format!("retry.{id}")).await;
+        let _ = self.state.purge(&retry_key(id)).await;
         Ok(true)
     }
 
@@ -1144,25 +1159,12 @@ impl JobStore for NatsStore {
 
     async fn set_paused(&self, route: &str, paused: bool) -> Result<(), StoreError> {
         let (_, until) = self.route_control(route).await?;
-        self.seen(
-            self.state
-                .put(&format!("route.{route}"), encode_control(paused, until))
-                .await,
-        )?;
-        Ok(())
+        self.put_control(route, paused, until).await
     }
 
     async fn pause_until(&self, route: &str, until_ms: u64) -> Result<(), StoreError> {
         let (paused, _) = self.route_control(route).await?;
-        self.seen(
-            self.state
-                .put(
-                    &format!("route.{route}"),
-                    encode_control(paused, Some(until_ms)),
-                )
-                .await,
-        )?;
-        Ok(())
+        self.put_control(route, paused, Some(until_ms)).await
     }
 
     async fn route_control(&self, route: &str) -> Result<(bool, Option<u64>), StoreError> {
@@ -1223,7 +1225,6 @@ impl JobStore for NatsStore {
         // stream (one per job), which stalled delivery of large backlogs. An accept on this
         // replica clears the idle mark, so its own jobs go out at once; other replicas'
         // accepts and ended retry delays are seen within IDLE_POLL.
-        let _ = self.consumer(route).await?;
         let idle = self
             .empty_at
             .lock()
