@@ -45,7 +45,7 @@ if [ -z "$ENVOY" ]; then
 fi
 
 echo "building (release)"
-cargo build -q --release --bin spillway --example fast_upstream --example loadgen --example nats_pub
+cargo build -q --release --bin spillway --example fast_upstream --example loadgen --example nats_pub --example bare_accept
 BIN=$PWD/target/release
 # The queue files live where spillway's would by default: on the disk under the checkout.
 work=$(mktemp -d "$PWD/target/peers.XXXXXX")
@@ -336,6 +336,20 @@ if start_spillway "{ path: $work/sw/queue.redb }" SPILLWAY_MAX_BATCH=1; then
 else
   skip accept spillway-one-commit-each "$SW_ERR"
 fi
+# The floor under spillway's accept: the same HTTP stack and group commit into redb, without
+# the bookkeeping (dedupe, due and route indexes, counters, metrics). spillway / this is what
+# the bookkeeping costs on this machine.
+P=$(freeport)
+"$BIN/examples/bare_accept" "127.0.0.1:$P" "$work/bare.redb" >/dev/null 2>"$work/bare.err" &
+BA=$!; PIDS+=("$BA")
+if wait_port "$P"; then
+  PROXY_SAVED=$PROXY; PROXY=127.0.0.1:$P
+  accept_wrk bare-redb
+  PROXY=$PROXY_SAVED
+else
+  skip accept bare-redb "did not start: $(tail -1 "$work/bare.err")"
+fi
+kill_wait "$BA"; rm -f "$work/bare.redb"
 
 # PostgreSQL: an outbox INSERT per request, committed with synchronous_commit=on, the 1 KiB
 # body sent as a bound parameter (-M prepared).

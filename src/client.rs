@@ -30,8 +30,9 @@ pub struct SendError {
 #[derive(Clone)]
 pub struct HttpClient {
     inner: Inner,
-    /// Kept so a guarded client can be made without building TLS again.
-    tls: rustls::ClientConfig,
+    /// Kept so a guarded client can be made without building TLS again; shared, because
+    /// the client is cloned per request and a `ClientConfig` clone is deep.
+    tls: Arc<rustls::ClientConfig>,
 }
 
 #[derive(Clone)]
@@ -79,7 +80,10 @@ impl HttpClient {
             .with_webpki_roots()
             .with_no_client_auth();
         let inner = Inner::Open(pooled(tls.clone(), tcp(HttpConnector::new())));
-        Ok(HttpClient { inner, tls })
+        Ok(HttpClient {
+            inner,
+            tls: Arc::new(tls),
+        })
     }
 
     /// A client with its own pool whose every connection goes through `guard`: names
@@ -90,7 +94,10 @@ impl HttpClient {
         let http = tcp(HttpConnector::new_with_resolver(GuardedResolver(
             guard.clone(),
         )));
-        let inner = Inner::Guarded(pooled(self.tls.clone(), GuardedConnector::new(http, guard)));
+        let inner = Inner::Guarded(pooled(
+            (*self.tls).clone(),
+            GuardedConnector::new(http, guard),
+        ));
         HttpClient {
             inner,
             tls: self.tls.clone(),

@@ -172,7 +172,8 @@ impl Deferrer {
     /// The only way to write a 202: it takes proof that the job is durable.
     fn accepted(&self, id: &Durable<JobId>, key: &str, replayed: bool) -> Response<Body> {
         let id = id.get().to_string();
-        let body = serde_json::json!({ "job_id": id, "status": "queued" }).to_string();
+        // A job id is a UUID: nothing in it needs JSON escaping.
+        let body = format!(r#"{{"job_id":"{id}","status":"queued"}}"#);
         let mut rsp = Response::new(full(Bytes::from(body)));
         *rsp.status_mut() = StatusCode::ACCEPTED;
         let h = rsp.headers_mut();

@@ -91,6 +91,11 @@ pub fn reframe(headers: &mut HeaderMap, body_len: usize) {
 /// message was framed by `Transfer-Encoding`, any `Content-Length` next to it is stale
 /// (RFC 9112 §6.3) and goes too: hyper frames what we send again.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their few names is cheaper than a lookup
+    // per hop-by-hop name.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }

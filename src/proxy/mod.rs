@@ -383,7 +383,25 @@ fn rewrite(
     headers::strip_hop_by_hop(req.headers_mut());
     let len = req.body().len();
     headers::reframe(req.headers_mut(), len);
+    let bad_path = || ProxyError::BadRequest("the request path cannot be forwarded".into());
     let (uri, host) = match route {
+        // The common case, no base path: the request's own path and query, already
+        // parsed, go on as they are.
+        Some(r) if r.upstream.base_path.is_empty() => {
+            let up = &r.upstream;
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(match up.scheme {
+                crate::config::Scheme::Http => http::uri::Scheme::HTTP,
+                crate::config::Scheme::Https => http::uri::Scheme::HTTPS,
+            });
+            parts.authority = Some(up.authority.clone());
+            parts.path_and_query = Some(match req.uri().path_and_query() {
+                Some(p) => p.clone(),
+                None => http::uri::PathAndQuery::from_static("/"),
+            });
+            let uri = Uri::from_parts(parts).map_err(|_| bad_path())?;
+            (uri, HeaderValue::from_str(up.authority.as_str()))
+        }
         Some(r) => {
             let up = &r.upstream;
             let uri = format!(
@@ -393,18 +411,19 @@ fn rewrite(
                 up.base_path,
                 target.path_and_query
             );
-            (uri, up.authority.to_string())
+            let uri = uri.parse::<Uri>().map_err(|_| bad_path())?;
+            (uri, HeaderValue::from_str(up.authority.as_str()))
         }
         None => {
             let auth = target.authority();
-            (format!("http://{auth}{}", target.path_and_query), auth)
+            let uri = format!("http://{auth}{}", target.path_and_query);
+            let uri = uri.parse::<Uri>().map_err(|_| bad_path())?;
+            (uri, HeaderValue::from_str(&auth))
         }
     };
-    *req.uri_mut() = uri
-        .parse::<Uri>()
-        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded".into()))?;
-    let host = HeaderValue::from_str(&host)
-        .map_err(|_| ProxyError::BadRequest("the upstream host is not a valid header".into()))?;
+    *req.uri_mut() = uri;
+    let host =
+        host.map_err(|_| ProxyError::BadRequest("the upstream host is not a valid header".into()))?;
     req.headers_mut().insert(header::HOST, host);
     // The upstream speaks whatever version the pool negotiates.
     *req.version_mut() = http::Version::HTTP_11;

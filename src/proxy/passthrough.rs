@@ -200,11 +200,14 @@ where
 
 // === impl IdleTimeoutBody ===
 
-/// A response body that fails when no frame arrives for `idle`.
+/// A response body that fails when no frame arrives for `idle`. The timer is made only
+/// when a poll finds no frame ready: most small bodies arrive whole and never need one.
 pub struct IdleTimeoutBody {
     inner: Body,
     idle: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// When the last frame (or the body itself) arrived.
+    since: Instant,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl IdleTimeoutBody {
@@ -212,7 +215,8 @@ impl IdleTimeoutBody {
         IdleTimeoutBody {
             inner,
             idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
+            since: Instant::now(),
+            sleep: None,
         }
     }
 }
@@ -228,18 +232,31 @@ impl http_body::Body for IdleTimeoutBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = Instant::now() + this.idle;
-                this.sleep.as_mut().reset(next);
+                this.since = Instant::now();
                 Poll::Ready(frame)
             }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                    "the upstream sent no body bytes for {:?}",
-                    this.idle
-                )
-                .into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let deadline = this.since + this.idle;
+                let sleep = match &mut this.sleep {
+                    Some(s) => {
+                        if s.deadline() != deadline {
+                            s.as_mut().reset(deadline);
+                        }
+                        s
+                    }
+                    None => this
+                        .sleep
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                        "the upstream sent no body bytes for {:?}",
+                        this.idle
+                    )
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

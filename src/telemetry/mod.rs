@@ -15,6 +15,8 @@
 
 mod otlp;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use http::HeaderMap;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TraceContextExt;
@@ -62,14 +64,26 @@ pub fn init() -> Telemetry {
     if let Some(problem) = problem {
         tracing::warn!(%problem, "spans are not exported");
     } else if telemetry.exporting() {
+        EXPORTING.store(true, Ordering::Relaxed);
         tracing::info!("exporting spans over OTLP/HTTP");
     }
     telemetry
 }
 
+/// Set once by [`init`] when spans are exported. Without an exporter no span has an
+/// OpenTelemetry context, so the request path skips propagation altogether.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
 /// Makes `span` a child of the W3C trace context in `headers`. Absent or malformed
 /// context leaves `span` a root.
 pub fn continue_from(span: &Span, headers: &HeaderMap) {
+    if !exporting() {
+        return;
+    }
     let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     if cx.span().span_context().is_valid() {
         if let Err(e) = span.set_parent(cx) {
@@ -91,6 +105,9 @@ pub fn continue_from_traceparent(span: &Span, traceparent: &str) {
 /// Writes `span`'s context as `traceparent` (and `tracestate`) into `headers`, replacing
 /// what was there. Does nothing when spans are not exported.
 pub fn inject(span: &Span, headers: &mut HeaderMap) {
+    if !exporting() {
+        return;
+    }
     let cx = span.context();
     if cx.span().span_context().is_valid() {
         TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));

@@ -243,7 +243,9 @@ pub(super) struct Tables<'tx> {
     pub routes: Table<'tx, &'static str, &'static [u8]>,
     pub quotas: Table<'tx, (&'static str, u64), (u64, u64)>,
     /// Counter values as of this batch: read through on first use, written back at the end.
-    counts: HashMap<(String, JobState), u64>,
+    /// By route, then by state (`JobState as usize`); looked up by `&str`, so a batch
+    /// allocates a route's name once, not per job.
+    counts: HashMap<String, [Option<u64>; JobState::ALL.len()]>,
     /// Seals job records when encryption at rest is on, and opens sealed ones.
     pub sealer: Option<Arc<Sealer>>,
 }
@@ -268,25 +270,40 @@ impl<'tx> Tables<'tx> {
 
     /// The route's counter for `state`, including this batch's changes.
     pub fn count(&mut self, route: &str, state: JobState) -> TxResult<u64> {
-        if let Some(v) = self.counts.get(&(route.to_owned(), state)) {
-            return Ok(*v);
+        if let Some(v) = self.counts.get(route).and_then(|c| c[state as usize]) {
+            return Ok(v);
         }
         let v = counter(&self.counters, route, state)?;
-        self.counts.insert((route.to_owned(), state), v);
+        self.set(route, state, v);
         Ok(v)
+    }
+
+    fn set(&mut self, route: &str, state: JobState, v: u64) {
+        match self.counts.get_mut(route) {
+            Some(c) => c[state as usize] = Some(v),
+            None => {
+                let mut c = [None; JobState::ALL.len()];
+                c[state as usize] = Some(v);
+                self.counts.insert(route.to_owned(), c);
+            }
+        }
     }
 
     fn bump(&mut self, route: &str, state: JobState, up: bool) -> TxResult<()> {
         let cur = self.count(route, state)?;
         let next = if up { cur + 1 } else { cur.saturating_sub(1) };
-        self.counts.insert((route.to_owned(), state), next);
+        self.set(route, state, next);
         Ok(())
     }
 
     /// Writes the batch's counters back; call before the tables are dropped and committed.
     pub fn finish(mut self) -> TxResult<()> {
-        for ((route, state), v) in std::mem::take(&mut self.counts) {
-            self.counters.insert((route.as_str(), state.as_str()), v)?;
+        for (route, counts) in std::mem::take(&mut self.counts) {
+            for state in JobState::ALL {
+                if let Some(v) = counts[state as usize] {
+                    self.counters.insert((route.as_str(), state.as_str()), v)?;
+                }
+            }
         }
         Ok(())
     }
