@@ -7,7 +7,7 @@
 # Usage: bash benches/peers.sh [seconds-per-case] [--full]
 #   --full  also fills a queue to 1,000,000 jobs and records spillway's RSS (adds ~5 min;
 #           MILLION_JOBS=<n> sets another count, to check the case quickly).
-# Writes benches/results/<date>.{json,md,svg}. See benches/README.md.
+# Writes benches/results/<date>[-n].{json,md,svg}. See benches/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=10
@@ -461,4 +461,8 @@ else
 fi
 
 mkdir -p "$BENCHES/results"
-$REPORT build "$RES" "$BENCHES/results/$(date -u +%F)"
+# A second run on the same day gets its own name: results are never overwritten.
+out="$BENCHES/results/$(date -u +%F)"
+n=2
+while [ -e "$out.json" ]; do out="$BENCHES/results/$(date -u +%F)-$n"; n=$((n + 1)); done
+$REPORT build "$RES" "$out"

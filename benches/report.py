@@ -162,6 +162,9 @@ def build(results_path, prefix):
         # A row without a limit is a reading for context, not a target.
         met = None if v is None or op is None else (v >= lim if op == ">=" else v <= lim)
         status = "not measured" if v is None else ("reading" if op is None else ("met" if met else "not met"))
+        if unit == "us" and v is not None and v < 0:
+            # The direct baseline's own tail was the worse one: noise, not a result.
+            met, status = None, "noise (the direct baseline's tail was higher)"
         tgt.append({"target": name, "value": v, "op": op, "limit": lim, "unit": unit, "met": met, "status": status})
 
     out = {"machine": machine, "results": rows, "added_latency_1conn_us": {f"{n}.{q}": v for (n, q), v in added.items()},

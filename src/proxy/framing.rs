@@ -381,6 +381,23 @@ POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\
     }
 
     #[test]
+    fn heads_with_more_headers_than_the_first_try_holds_are_followed() {
+        // 40 headers: past the 32 slots of the first parse, within MAX_HEADERS.
+        let mut head = b"POST / HTTP/1.1\r\nHost: a\r\n".to_vec();
+        for i in 0..40 {
+            head.extend_from_slice(format!("X-Filler-{i}: {i}\r\n").as_bytes());
+        }
+        let mut both = head.clone();
+        both.extend_from_slice(b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+        assert_eq!(scan(&both, 7).0, 1);
+        let mut plain = head;
+        plain.extend_from_slice(b"Content-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n");
+        let (bad, state) = scan(&plain, 7);
+        assert_eq!(bad, 0);
+        assert_eq!(state, State::Line(Line::Head));
+    }
+
+    #[test]
     fn stops_looking_where_it_cannot_follow() {
         for stream in [
             &b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
