@@ -12,9 +12,9 @@
 //!   gauges from the scrape and counts `spillway_queue_stats_errors_total`, it never fails
 //!   the scrape.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
@@ -227,6 +227,26 @@ pub struct Metrics {
     queue_routes: parking_lot::Mutex<HashSet<String>>,
     /// One scrape at a time: refresh and encode must not interleave.
     scrape: tokio::sync::Mutex<()>,
+    /// The request path's series by route, then by mode (see [`RouteSeries`]).
+    series: parking_lot::RwLock<HashMap<String, [Option<RouteSeries>; MODES]>>,
+}
+
+/// How many [`Mode`]s there are: `Mode as usize` indexes a route's series.
+const MODES: usize = 4;
+const _: () = assert!(Mode::None as usize + 1 == MODES);
+
+/// One route's request-path series in one mode, each found in its family on first use and
+/// kept: counting a request then touches atomics, instead of building a label set (a
+/// `String` each) and hashing it in four families per request.
+#[derive(Default)]
+struct RouteSeries {
+    /// `requests_total` by status class, 1xx to 5xx.
+    requests: [OnceLock<Counter>; 5],
+    request_duration: OnceLock<Histogram>,
+    /// `upstream_requests_total{outcome="200"}`: by far the most common; other outcomes
+    /// go to the family.
+    upstream_200: OnceLock<Counter>,
+    upstream_duration: OnceLock<Histogram>,
 }
 
 impl Default for Metrics {
@@ -425,6 +445,7 @@ impl Metrics {
             config_reload_errors,
             queue_routes: parking_lot::Mutex::new(HashSet::new()),
             scrape: tokio::sync::Mutex::new(()),
+            series: parking_lot::RwLock::new(HashMap::new()),
         };
         m.config_reloaded(true);
         m
@@ -434,19 +455,44 @@ impl Metrics {
 
     /// One request answered to the app.
     pub fn request(&self, route: &str, mode: Mode, status: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                mode: mode.as_str(),
-                code: status_class(status),
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&RouteModeLabels {
-                route: route.to_owned(),
-                mode: mode.as_str(),
-            })
-            .observe(elapsed.as_secs_f64());
+        let class = status_class(status);
+        self.with_series(route, mode, |s| {
+            s.requests[class_index(status)]
+                .get_or_init(|| {
+                    self.requests
+                        .get_or_create(&RequestLabels {
+                            route: route.to_owned(),
+                            mode: mode.as_str(),
+                            code: class,
+                        })
+                        .clone()
+                })
+                .inc();
+            s.request_duration
+                .get_or_init(|| {
+                    self.request_duration
+                        .get_or_create(&RouteModeLabels {
+                            route: route.to_owned(),
+                            mode: mode.as_str(),
+                        })
+                        .clone()
+                })
+                .observe(elapsed.as_secs_f64());
+        });
+    }
+
+    /// Runs `f` on the series of `route` in `mode`, made on first use.
+    fn with_series<R>(&self, route: &str, mode: Mode, f: impl FnOnce(&RouteSeries) -> R) -> R {
+        let m = mode as usize;
+        {
+            let map = self.series.read();
+            if let Some(s) = map.get(route).and_then(|by_mode| by_mode[m].as_ref()) {
+                return f(s);
+            }
+        }
+        let mut map = self.series.write();
+        let s = map.entry(route.to_owned()).or_default()[m].get_or_insert_with(Default::default);
+        f(s)
     }
 
     /// An answer spillway made itself instead of reaching the upstream. `code` is the
@@ -462,19 +508,36 @@ impl Metrics {
 
     /// One attempt sent upstream, with what came of it.
     pub fn upstream(&self, route: &str, mode: Mode, outcome: UpstreamOutcome, elapsed: Duration) {
-        self.upstream_requests
-            .get_or_create(&UpstreamLabels {
-                route: route.to_owned(),
-                mode: mode.as_str(),
-                outcome: outcome.label(),
-            })
-            .inc();
-        self.upstream_duration
-            .get_or_create(&RouteModeLabels {
-                route: route.to_owned(),
-                mode: mode.as_str(),
-            })
-            .observe(elapsed.as_secs_f64());
+        let labels = |outcome: String| UpstreamLabels {
+            route: route.to_owned(),
+            mode: mode.as_str(),
+            outcome,
+        };
+        self.with_series(route, mode, |s| {
+            if outcome == UpstreamOutcome::Status(200) {
+                s.upstream_200
+                    .get_or_init(|| {
+                        self.upstream_requests
+                            .get_or_create(&labels(outcome.label()))
+                            .clone()
+                    })
+                    .inc();
+            } else {
+                self.upstream_requests
+                    .get_or_create(&labels(outcome.label()))
+                    .inc();
+            }
+            s.upstream_duration
+                .get_or_init(|| {
+                    self.upstream_duration
+                        .get_or_create(&RouteModeLabels {
+                            route: route.to_owned(),
+                            mode: mode.as_str(),
+                        })
+                        .clone()
+                })
+                .observe(elapsed.as_secs_f64());
+        });
     }
 
     /// A retry was decided; `reason` names the failure (see [`UpstreamOutcome::reason`]).
@@ -727,6 +790,17 @@ impl Metrics {
 }
 
 /// `2xx`, `4xx`, ...: the `code` label of requests.
+/// Where [`status_class`]'s label sits in [`RouteSeries::requests`].
+fn class_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
 fn status_class(status: u16) -> &'static str {
     match status {
         100..=199 => "1xx",
