@@ -216,9 +216,7 @@ impl Proxy {
         if rsp.status().is_server_error() {
             span.record("otel.status_code", "ERROR");
         }
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            rsp.headers_mut().insert("x-request-id", v);
-        }
+        rsp.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         // Secrets (Authorization, Cookie, query strings) never reach the log.
         tracing::info!(
             target: "spillway::access",
@@ -228,7 +226,7 @@ impl Proxy {
             status = rsp.status().as_u16(),
             attempts = attempts.get(),
             duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-            request_id = %request_id,
+            request_id = request_id.to_str().unwrap_or("-"),
             "request"
         );
         rsp
@@ -430,21 +428,24 @@ fn rewrite(
     Ok(())
 }
 
-/// The client's `X-Request-Id`, or a new one, set on the request so it travels upstream.
-fn request_id<B>(req: &mut Request<B>) -> String {
-    if let Some(id) = req
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The client's `X-Request-Id`, or a new one, set on the request so it travels upstream;
+/// returned for the answer and the access log.
+fn request_id<B>(req: &mut Request<B>) -> HeaderValue {
+    if let Some(v) = req
         .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .get(&X_REQUEST_ID)
+        .filter(|v| v.to_str().is_ok_and(|s| !s.is_empty() && s.len() <= 128))
     {
-        return id.to_owned();
+        return v.clone();
     }
-    let id = uuid::Uuid::new_v4().to_string();
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        req.headers_mut().insert("x-request-id", v);
-    }
-    id
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    // A UUID is always a valid header value; the fallback only keeps this panic-free.
+    let v = HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"));
+    req.headers_mut().insert(X_REQUEST_ID, v.clone());
+    v
 }
 
 impl crate::metrics::ScrapeSource for Proxy {

@@ -271,22 +271,32 @@ impl http_body::Body for IdleTimeoutBody {
 
 // === impl Retry ===
 
+/// Shared, because the stack is cloned per request and the policy is not small.
 #[derive(Clone)]
-pub struct RetryLayer {
+pub struct RetryLayer(Arc<RetryShared>);
+
+pub struct RetryShared {
     policy: crate::config::RetryPolicy,
     idempotency_header: http::HeaderName,
-    budget: Arc<TpsBudget>,
+    budget: TpsBudget,
+}
+
+impl std::ops::Deref for RetryLayer {
+    type Target = RetryShared;
+    fn deref(&self) -> &RetryShared {
+        &self.0
+    }
 }
 
 impl RetryLayer {
     pub fn new(route: &RouteConfig) -> Self {
-        RetryLayer {
+        RetryLayer(Arc::new(RetryShared {
             policy: route.retry.clone(),
             idempotency_header: route.idempotency.header.clone(),
             // Retries stay under ~20% of requests plus a floor of 10/s over a 10s
             // window, so a failing upstream never sees a retry storm.
-            budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
-        }
+            budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+        }))
     }
 }
 
