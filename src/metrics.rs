@@ -241,7 +241,7 @@ const _: () = assert!(Mode::None as usize + 1 == MODES);
 #[derive(Default)]
 struct RouteSeries {
     /// `requests_total` by status class, 1xx to 5xx.
-    requests: [OnceLock<Counter>; 5],
+    requests: [OnceLock<Counter>; CLASSES.len()],
     request_duration: OnceLock<Histogram>,
     /// `upstream_requests_total{outcome="200"}`: by far the most common; other outcomes
     /// go to the family.
@@ -789,8 +789,7 @@ impl Metrics {
     }
 }
 
-/// `2xx`, `4xx`, ...: the `code` label of requests.
-/// Where [`status_class`]'s label sits in [`RouteSeries::requests`].
+/// Where a status's class sits in [`RouteSeries::requests`] and [`CLASSES`].
 fn class_index(status: u16) -> usize {
     match status {
         100..=199 => 0,
@@ -801,14 +800,11 @@ fn class_index(status: u16) -> usize {
     }
 }
 
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// `2xx`, `4xx`, ...: the `code` label of requests.
 fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
+    CLASSES[class_index(status)]
 }
 
 fn unix_now_secs() -> f64 {
