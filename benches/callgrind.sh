@@ -19,7 +19,7 @@ BIN=${1:-$PWD/target/release/spillway}
 work=$(mktemp -d "${TMPDIR:-/tmp}/spillway-callgrind.XXXXXX")
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
-freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+. benches/lib.sh
 
 UP=$(freeport) PX=$(freeport) AD=$(freeport)
 target/release/examples/fast_upstream "127.0.0.1:$UP" >/dev/null &
@@ -29,11 +29,7 @@ listen: 127.0.0.1:$PX
 admin: { listen: 127.0.0.1:$AD }
 storage: { path: $work/queue.redb }
 routes:
-  - name: pass
-    match: { host: pass.test }
-    upstream: http://127.0.0.1:$UP
-    rate_limit: { per_second: 1000000, burst: 1000000 }
-    circuit_breaker: { consecutive_failures: 1000, open_for: 1s }
+$(pass_route "$UP")
 YAML
 SPILLWAY_LOG=warn valgrind -q --tool=callgrind --callgrind-out-file="$work/callgrind.%p" \
   "$BIN" run --no-watch -c "$work/cfg.yaml" >/dev/null 2>"$work/stderr" &

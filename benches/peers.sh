@@ -22,6 +22,7 @@ done
 WARM=$(( DUR < 4 ? 1 : 2 ))
 CLK=$(getconf CLK_TCK)
 BENCHES=$PWD/benches
+. "$BENCHES/lib.sh"
 REPORT="python3 $BENCHES/report.py"
 
 # === install what is missing ===
@@ -66,7 +67,6 @@ skip() { # group name why...
   echo "  $g, $n: skipped: $*"
   emit group="$g" name="$n" skipped="$*"
 }
-freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { # port [seconds]: true once something accepts on it
   local end=$(( $(date +%s) + ${2:-10} ))
   while [ "$(date +%s)" -lt "$end" ]; do
@@ -138,18 +138,8 @@ listen: 127.0.0.1:0
 admin: { listen: 127.0.0.1:0 }
 storage: $2
 routes:
-  - name: pass
-    match: { host: pass.test }
-    upstream: http://127.0.0.1:$UP_PORT
-    rate_limit: { per_second: 1000000, burst: 1000000 }
-    circuit_breaker: { consecutive_failures: 1000, open_for: 1s }
-  - name: defer
-    match: { host: defer.test }
-    upstream: http://127.0.0.1:$UP_PORT
-    deferrable: true
-    concurrency: 64
-    rate_limit: { per_second: 1000000, burst: 1000000 }
-    queue: { max_depth: 100000000 }
+$(pass_route "$UP_PORT")
+$(defer_route "$UP_PORT")
 YAML
 }
 # start_spillway storage-yaml [env...]: sets SW_PID, PROXY, ADMIN, or returns 1 with the

@@ -6,6 +6,7 @@
 #   BENCH_MILLION=1  also fills the queue to a million jobs and reports spillway's peak RSS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 DUR=${1:-10}
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)"; exit 1; }
 command -v curl >/dev/null || { echo "curl is not installed"; exit 1; }
@@ -23,18 +24,8 @@ listen: 127.0.0.1:0
 admin: { listen: 127.0.0.1:0 }
 storage: { path: $work/queue.redb }
 routes:
-  - name: pass
-    match: { host: pass.test }
-    upstream: http://127.0.0.1:18080
-    rate_limit: { per_second: 1000000, burst: 1000000 }
-    circuit_breaker: { consecutive_failures: 1000, open_for: 1s }
-  - name: defer
-    match: { host: defer.test }
-    upstream: http://127.0.0.1:18080
-    deferrable: true
-    concurrency: 64
-    rate_limit: { per_second: 1000000, burst: 1000000 }
-    queue: { max_depth: 100000000 }
+$(pass_route 18080)
+$(defer_route 18080)
 YAML
 start_spillway() { # extra env assignments...
   rm -f "$work/queue.redb" "$work/out"

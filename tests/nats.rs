@@ -57,24 +57,18 @@ impl Drop for Cleanup {
 
 /// Polls until the upstream answered 2xx to every key in `accepted`, or panics after `within`.
 async fn wait_delivered(upstream: &FaultyUpstream, accepted: &HashSet<String>, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let done: HashSet<String> = upstream
-            .seen()
-            .iter()
-            .filter(|s| s.answered_2xx())
-            .map(|s| s.key())
-            .collect();
-        if accepted.is_subset(&done) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "answered 202 but not delivered within {within:?}: {:?}",
-            accepted.difference(&done).take(10).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = support::within(within, || async {
+        accepted.is_subset(&upstream.delivered_keys())
+    })
+    .await;
+    assert!(
+        done,
+        "answered 202 but not delivered within {within:?}: {:?}",
+        accepted
+            .difference(&upstream.delivered_keys())
+            .take(10)
+            .collect::<Vec<_>>()
+    );
 }
 
 fn config(url: &str, stream: &str, upstream: SocketAddr) -> String {
@@ -285,14 +279,13 @@ impl OwnNats {
             .spawn()
             .expect("nats-server is needed for this test (apt-get install nats-server)");
         // Ready when it accepts connections.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let up = support::within(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        assert!(up, "nats-server did not start");
         child
     }
 

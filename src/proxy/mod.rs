@@ -388,10 +388,7 @@ fn rewrite(
         Some(r) if r.upstream.base_path.is_empty() => {
             let up = &r.upstream;
             let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(match up.scheme {
-                crate::config::Scheme::Http => http::uri::Scheme::HTTP,
-                crate::config::Scheme::Https => http::uri::Scheme::HTTPS,
-            });
+            parts.scheme = up.url.scheme().cloned();
             parts.authority = Some(up.authority.clone());
             parts.path_and_query = Some(match req.uri().path_and_query() {
                 Some(p) => p.clone(),

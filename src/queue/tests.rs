@@ -403,6 +403,20 @@ macro_rules! conformance {
     )*};
 }
 
+/// The wall-clock checks, listed once so every backend runs all of them.
+macro_rules! live_conformance {
+    ($make:expr) => {
+        conformance!($make;
+            live_enqueue_lease_ack,
+            live_dedupe_and_key_conflict,
+            live_reschedule_redelivers_later,
+            live_dead_retry_replay_delete,
+            live_pause_and_resume,
+            live_max_depth_and_listing,
+        );
+    };
+}
+
 mod redb_conformance {
     use super::*;
 
@@ -425,13 +439,8 @@ mod redb_conformance {
         list_newest_first_with_cursor,
         stats_follow_every_transition,
         routes_lists_routes_with_stored_jobs,
-        live_enqueue_lease_ack,
-        live_dedupe_and_key_conflict,
-        live_reschedule_redelivers_later,
-        live_dead_retry_replay_delete,
-        live_pause_and_resume,
-        live_max_depth_and_listing,
     );
+    live_conformance!(fresh());
 }
 
 // === conformance on the wall clock (every backend) ===
@@ -710,14 +719,7 @@ mod nats_live {
         (Streams(name), store)
     }
 
-    conformance!(fresh().await;
-        live_enqueue_lease_ack,
-        live_dedupe_and_key_conflict,
-        live_reschedule_redelivers_later,
-        live_dead_retry_replay_delete,
-        live_pause_and_resume,
-        live_max_depth_and_listing,
-    );
+    live_conformance!(fresh().await);
 
     conformance!(fresh().await;
         quota_fixed_windows,

@@ -2,6 +2,7 @@
 //! scriptable flaky upstream, a raw HTTP/1.1 client and `eventually`.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -605,6 +606,16 @@ impl FaultyUpstream {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().clone()
+    }
+
+    /// The idempotency keys the upstream answered 2xx at least once.
+    pub fn delivered_keys(&self) -> HashSet<String> {
+        self.seen
+            .lock()
+            .iter()
+            .filter(|s| s.answered_2xx())
+            .map(|s| s.key())
+            .collect()
     }
 }
 
