@@ -6,6 +6,7 @@
 
 mod commit;
 mod ops;
+mod prealloc;
 pub mod repair;
 pub mod schema;
 
