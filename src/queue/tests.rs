@@ -1041,12 +1041,7 @@ fn flaky_opener(
     let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stall2 = stall.clone();
     let opener: redb::Opener = Arc::new(move |path, cache| {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = redb::open_file(path)?;
         ::redb::Builder::new()
             .set_cache_size(cache)
             .create_with_backend(FlakyBackend {

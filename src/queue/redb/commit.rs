@@ -91,12 +91,7 @@ pub type Opener = Arc<dyn Fn(&Path, usize) -> Result<Database, DatabaseError> + 
 /// The plain file opener.
 pub fn file_opener() -> Opener {
     Arc::new(|path, cache_size| {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = super::prealloc::open_file(path)?;
         redb::Builder::new()
             .set_cache_size(cache_size)
             .create_with_backend(super::prealloc::PreallocFile::new(file, path)?)

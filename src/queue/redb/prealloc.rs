@@ -133,6 +133,16 @@ impl State {
     }
 }
 
+/// Opens (or creates) the database file read-write, as redb's own `Builder::create` does.
+pub fn open_file(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 impl PreallocFile {
     /// Wraps `file`, the database at `path`; filling is on where `path` opens for direct I/O.
     pub fn new(file: File, path: &Path) -> std::io::Result<Self> {
@@ -295,14 +305,7 @@ mod tests {
     use super::*;
 
     fn open(path: &Path) -> PreallocFile {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .unwrap();
-        PreallocFile::new(file, path).unwrap()
+        PreallocFile::new(open_file(path).unwrap(), path).unwrap()
     }
 
     fn read(b: &PreallocFile, offset: u64, n: usize) -> Vec<u8> {
@@ -389,15 +392,8 @@ mod tests {
         const T: redb::TableDefinition<'_, u64, &[u8]> = redb::TableDefinition::new("t");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .unwrap();
         let db = redb::Builder::new()
-            .create_with_backend(PreallocFile::new(file, &path).unwrap())
+            .create_with_backend(open(&path))
             .unwrap();
         for batch in 0..40u64 {
             let tx = db.begin_write().unwrap();
