@@ -3,8 +3,9 @@
 //! write transaction, `Durability::Immediate`, then the answers) but none of the
 //! bookkeeping: one table keyed by a UUIDv7, the body as the value, no dedupe, due or
 //! route index, no counters, no metrics. It answers `202` after the commit returned.
-//! What spillway reaches as a share of this, in the same run, is what its bookkeeping
-//! costs on that machine.
+//! It stores through the same storage backend as spillway (zeros written ahead of the
+//! file's growth). What spillway reaches as a share of this, in the same run, is what its
+//! bookkeeping costs on that machine.
 //!
 //! Usage: bare_accept ADDR FILE
 
@@ -61,9 +62,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: bare_accept ADDR FILE".into());
     };
     // spillway's default cache cap, so both hold the same memory budget.
+    let path = std::path::Path::new(&file);
+    let backend =
+        spillway::queue::redb::PreallocFile::new(spillway::queue::redb::open_file(path)?, path)?;
     let db = redb::Builder::new()
         .set_cache_size(16 << 20)
-        .create(&file)?;
+        .create_with_backend(backend)?;
     let (tx, rx) = mpsc::channel::<Work>(4096);
     std::thread::spawn(move || writer(db, rx));
     let tx = Arc::new(tx);

@@ -32,8 +32,7 @@ use super::{
 
 pub(crate) use self::commit::Opener;
 pub use self::commit::MAX_BATCH;
-#[cfg(test)]
-pub(crate) use self::prealloc::open_file;
+pub use self::prealloc::{open_file, PreallocFile};
 
 /// Requests that may wait for the writer; an enqueue beyond this answers `Busy`.
 pub const CHANNEL_CAPACITY: usize = 1024;

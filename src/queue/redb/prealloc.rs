@@ -42,6 +42,7 @@ const BLOCK: u64 = 4096;
 struct Aligned([u8; PIECE]);
 static ZEROS: Aligned = Aligned([0; PIECE]);
 
+/// redb's file backend with zeros written ahead of its growth (see the module docs).
 #[derive(Debug)]
 pub struct PreallocFile {
     shared: Arc<Shared>,
