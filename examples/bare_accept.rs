@@ -18,24 +18,17 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use redb::{Database, Durability, TableDefinition};
+// The same bound spillway's writer uses.
+use spillway::queue::redb::MAX_BATCH;
 use tokio::sync::{mpsc, oneshot};
 
 const JOBS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("jobs");
-/// The same bound spillway's writer uses.
-const MAX_BATCH: usize = 256;
 
 type Work = (u128, Bytes, oneshot::Sender<bool>);
 
 fn writer(db: Database, mut rx: mpsc::Receiver<Work>) {
     let mut batch: Vec<Work> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
+    while rx.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
         let ok = (|| -> Result<(), redb::Error> {
             let mut tx = db.begin_write()?;
             tx.set_durability(Durability::Immediate)?;

@@ -246,14 +246,8 @@ pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
     let mut last_reserve: Option<Instant> = None;
     let max_batch = max_batch();
     let mut batch: Vec<BoxRequest> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
+    // Waits for one request, then takes every other one already waiting, up to the bound.
+    while rx.blocking_recv_many(&mut batch, max_batch) > 0 {
         if shared.full.load(Ordering::Acquire) {
             retry_reserve(&shared, &mut last_reserve);
         }

@@ -327,12 +327,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn zeros_never_overwrite_written_pages() {
+    /// A new file of `len` bytes (a hole) under the backend, in a directory of its own.
+    fn fresh(len: u64) -> (tempfile::TempDir, std::path::PathBuf, PreallocFile) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let b = open(&path);
-        b.set_len(8 * CHUNK).unwrap();
+        assert!(b.filling(), "no direct I/O in {}", dir.path().display());
+        b.set_len(len).unwrap();
+        (dir, path, b)
+    }
+
+    #[test]
+    fn zeros_never_overwrite_written_pages() {
+        let (_dir, path, b) = fresh(8 * CHUNK);
         // Writes out of order, including one far past the frontier and one straddling chunks.
         let writes: Vec<(u64, u8)> = vec![
             (0, 1),
@@ -350,6 +357,12 @@ mod tests {
                 read(&b, at, 2 * BLOCK as usize).iter().all(|&x| x == v),
                 "{at}"
             );
+        }
+        // The filler went ahead of the far write (chunk 5); chunk 4, skipped, is still a hole.
+        {
+            let st = b.shared.state.lock();
+            assert_eq!((st.done(6), st.done(7)), (CHUNK, CHUNK));
+            assert_eq!(st.done(4), 0);
         }
         assert_eq!(read(&b, 4 * CHUNK, 16), vec![0; 16]);
         assert_eq!(b.len().unwrap(), 8 * CHUNK);
@@ -372,10 +385,7 @@ mod tests {
 
     #[test]
     fn a_shrunk_file_that_grows_back_reads_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let b = open(&path);
-        b.set_len(4 * CHUNK).unwrap();
+        let (_dir, _, b) = fresh(4 * CHUNK);
         b.write(CHUNK, &[7; BLOCK as usize]).unwrap();
         b.write(3 * CHUNK, &[8; BLOCK as usize]).unwrap();
         settled(&b);
