@@ -68,12 +68,15 @@ impl Deferrer {
     ) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let key_header = &route.idempotency.header;
+        let id = JobId::new();
+        // Without the client's key, the job's own id is its key: the store then needs no
+        // row for the key (see `Job::key_is_generated`).
         let idempotency_key = parts
             .headers
             .get(key_header)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
-            .map_or_else(|| JobId::new().to_string(), str::to_owned);
+            .map_or_else(|| id.to_string(), str::to_owned);
         let ordering_key = route.ordering.as_ref().and_then(|o| {
             parts
                 .headers
@@ -106,7 +109,7 @@ impl Deferrer {
             .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect();
         let job = NewJob {
-            id: JobId::new(),
+            id,
             route: route.name.clone(),
             method: parts.method.to_string(),
             uri,

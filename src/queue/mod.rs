@@ -47,12 +47,12 @@
 //! | --- | --- | --- |
 //! | `meta` | name | u64 (`schema_version`) |
 //! | `jobs_v1` | job id (u128, UUIDv7 so time ordered) | version byte + postcard `JobRecordV1`, or sealed `JobRecordV2` (see `redb/schema.rs`) |
-//! | `due_v1` | (route, next_attempt_at_ms, id) | () — queued and retrying jobs |
-//! | `pending_v1` | (route, created_at_ms, id) | () — queued, in_flight, retrying |
+//! | `index_v2` | (route, 1, next_attempt_at_ms, id) | 0 — queued and retrying jobs (due) |
+//! | | (route, 2, created_at_ms, id) | 0 — queued, in_flight, retrying (pending) |
+//! | | (route, 3, 0, id) | every job, for listing; the dedupe window of a job whose key was generated |
 //! | `order_v1` | (route, ordering_key, id) | () — undelivered jobs with an ordering key |
-//! | `by_route_v1` | (route, id) | () — every job, for listing |
 //! | `expiry_v1` | (expires_at_ms, id) | () — delivered jobs, purged after the window |
-//! | `idem_v1` | (route, idempotency_key) | version byte + postcard (id, fingerprint, window, expires) |
+//! | `idem_v1` | (route, idempotency_key) | version byte + postcard (id, fingerprint, window, expires); none for a generated key (it is the job id) |
 //! | `counters_v1` | (route, state) | u64 |
 //! | `routes_v1` | route | version byte + postcard (paused, paused_until_ms) |
 //! | `quotas_v1` | (route, index) | (window_start_ms, count) |
@@ -101,6 +101,12 @@ impl JobId {
 
     pub fn as_uuid(&self) -> &uuid::Uuid {
         &self.0
+    }
+
+    /// Whether `s` is this id as [`Display`](fmt::Display) writes it (no allocation).
+    pub fn is_text(&self, s: &str) -> bool {
+        let mut buf = uuid::Uuid::encode_buffer();
+        s == self.0.as_hyphenated().encode_lower(&mut buf)
     }
 }
 
@@ -275,6 +281,12 @@ impl Job {
             last: None,
             dead_reason: None,
         }
+    }
+
+    /// Whether the job's idempotency key was generated at accept: the proxy then uses the
+    /// job's own id as its key (no client sent one).
+    pub fn key_is_generated(&self) -> bool {
+        self.id.is_text(&self.idempotency_key)
     }
 }
 

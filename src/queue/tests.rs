@@ -215,6 +215,63 @@ pub(crate) async fn dedupe_and_key_conflict(s: &dyn JobStore) {
     assert_eq!(s.stats("r").await.unwrap().delivered_kept, 0);
 }
 
+/// A job accepted without a client key has its own id as key (what the proxy does); a
+/// client that sends that key back later is answered like any other repeat.
+pub(crate) async fn generated_key_dedupes_like_a_client_key(s: &dyn JobStore) {
+    let mut first = job("r", "", "body", 100);
+    first.idempotency_key = first.id.to_string();
+    let key = first.idempotency_key.clone();
+    let id = stored(s, first).await;
+    let at = |k: &str, body: &str, t: u64| job("r", k, body, t);
+    assert_eq!(
+        s.enqueue(at(&key, "body", 200), WINDOW, DEEP)
+            .await
+            .unwrap(),
+        EnqueueOutcome::Duplicate(Durable::after_commit(id))
+    );
+    assert_eq!(
+        s.enqueue(at(&key, "different", 200), WINDOW, DEEP)
+            .await
+            .unwrap(),
+        EnqueueOutcome::KeyConflict(id)
+    );
+    // Only the exact text is the key; on another route it is another job's key.
+    stored(s, at(&key.to_uppercase(), "different", 200)).await;
+    stored(s, job("r2", &key, "different", 200)).await;
+    assert_eq!(s.stats("r").await.unwrap().queued, 2);
+
+    // Delivered: still a duplicate within the window, a new job after it.
+    s.lease_due("r", 200, 1).await.unwrap();
+    s.ack(id, 1_000).await.unwrap();
+    assert!(matches!(
+        s.enqueue(at(&key, "body", 1_000 + WINDOW - 1), WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::Duplicate(d) if *d.get() == id
+    ));
+    assert_eq!(s.purge_expired(1_000 + WINDOW - 1, 10).await.unwrap(), 0);
+    let later = stored(s, at(&key, "body", 1_000 + WINDOW)).await;
+    assert_ne!(later, id);
+    assert_eq!(s.purge_expired(1_000 + WINDOW + 1, 10).await.unwrap(), 1);
+    assert_eq!(s.get(id).await.unwrap(), None);
+    assert!(matches!(
+        s.enqueue(at(&key, "body", 1_000 + WINDOW + 2), WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::Duplicate(d) if *d.get() == later
+    ));
+    // Dead: held, and deleting the job frees the key.
+    let mut dead = job("r", "", "x", 3);
+    dead.idempotency_key = dead.id.to_string();
+    let dead_key = dead.idempotency_key.clone();
+    let dead_id = stored(s, dead).await;
+    s.dead_letter(dead_id, "gone".into(), None).await.unwrap();
+    assert_eq!(
+        s.enqueue(at(&dead_key, "x", u64::MAX / 2), WINDOW, DEEP)
+            .await
+            .unwrap(),
+        EnqueueOutcome::Duplicate(Durable::after_commit(dead_id))
+    );
+    assert!(s.delete(dead_id).await.unwrap());
+    stored(s, at(&dead_key, "x", u64::MAX / 2)).await;
+}
+
 pub(crate) async fn max_depth_rejects_and_stores_nothing(s: &dyn JobStore) {
     let a = job("r", "a", "a", 1);
     s.enqueue(a.clone(), WINDOW, 2).await.unwrap();
@@ -432,6 +489,7 @@ mod redb_conformance {
         reschedule_then_lease_again,
         dead_retry_replay_delete,
         dedupe_and_key_conflict,
+        generated_key_dedupes_like_a_client_key,
         max_depth_rejects_and_stores_nothing,
         ordering_key_serialises_a_route,
         pause_and_resume,
@@ -827,6 +885,158 @@ async fn in_flight_jobs_are_queued_again_after_reopen() {
     assert_eq!(leased.len(), 2);
 }
 
+/// Puts a store file of schema 2 back into schema 1's layout: the three index tables the
+/// first release wrote, and its version record.
+fn downgrade_to_v1(path: &std::path::Path) {
+    use self::redb::schema::{v1, INDEX, META, SCHEMA_VERSION_KEY};
+    let db = ::redb::Database::create(path).unwrap();
+    let tx = db.begin_write().unwrap();
+    {
+        let index = tx.open_table(INDEX).unwrap();
+        let mut due = tx.open_table(v1::DUE).unwrap();
+        let mut pending = tx.open_table(v1::PENDING).unwrap();
+        let mut by_route = tx.open_table(v1::BY_ROUTE).unwrap();
+        for e in ::redb::ReadableTable::iter(&index).unwrap() {
+            let (k, v) = e.unwrap();
+            let (r, kind, t, id) = k.value();
+            assert_eq!(v.value(), 0, "schema 1 has no generated-key windows");
+            match kind {
+                1 => due.insert((r, t, id), ()).unwrap(),
+                2 => pending.insert((r, t, id), ()).unwrap(),
+                3 => by_route.insert((r, id), ()).unwrap(),
+                other => panic!("unknown index kind {other}"),
+            };
+        }
+        tx.open_table(META)
+            .unwrap()
+            .insert(SCHEMA_VERSION_KEY, 1)
+            .unwrap();
+    }
+    tx.delete_table(INDEX).unwrap();
+    tx.commit().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_1_file_is_migrated_on_open_with_every_job_in_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let (a, b, c, d, e);
+    {
+        let s = RedbStore::open(&path, 1 << 20).unwrap();
+        a = stored(&s, job("r", "a", "a", 100)).await;
+        b = stored(&s, job("r", "b", "b", 101)).await;
+        c = stored(&s, job("r", "c", "c", 102)).await;
+        d = stored(&s, job("r", "d", "d", 103)).await;
+        e = stored(&s, job("r", "e", "e", 104)).await;
+        stored(&s, job("r2", "a", "a", 100)).await;
+        // a stays queued; b, c, d, e are leased, then: b left in flight (a crash),
+        // c rescheduled, d delivered, e dead.
+        let leased = s.lease_due("r", 104, 5).await.unwrap();
+        assert_eq!(leased.len(), 5);
+        s.reschedule(c, 5_000, outcome(503, 200)).await.unwrap();
+        s.ack(d, 300).await.unwrap();
+        s.dead_letter(e, "400".into(), Some(outcome(400, 300)))
+            .await
+            .unwrap();
+        s.reschedule(a, 100, outcome(503, 200)).await.unwrap();
+        s.retry(a, 100).await.unwrap();
+    }
+    downgrade_to_v1(&path);
+
+    let s = RedbStore::open(&path, 1 << 20).unwrap();
+    let st = s.stats("r").await.unwrap();
+    assert_eq!(
+        (
+            st.queued,
+            st.in_flight,
+            st.retrying,
+            st.delivered_kept,
+            st.dead
+        ),
+        (1, 0, 2, 1, 1),
+        "{st:?}"
+    );
+    assert_eq!(st.oldest_queued_created_at_ms, Some(100));
+    assert_eq!(s.next_due("r").await.unwrap(), Some(100));
+    assert_eq!(s.routes().await.unwrap(), ["r", "r2"]);
+    let listed: Vec<JobId> = s
+        .list(Some("r"), None, 10, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(listed, [e, d, c, b, a]);
+    // Keys of schema 1 still dedupe; due order and times survived.
+    assert!(matches!(
+        s.enqueue(job("r", "d", "d", 400), WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::Duplicate(x) if *x.get() == d
+    ));
+    let leased: Vec<JobId> = s
+        .lease_due("r", 4_999, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(leased, [a]);
+    assert_eq!(s.lease_due("r", 5_000, 10).await.unwrap()[0].id, c);
+    // b was in flight: requeued at the open, due at the open's wall-clock time.
+    assert_eq!(s.lease_due("r", u64::MAX - 1, 10).await.unwrap()[0].id, b);
+    assert_eq!(s.replay_dead("r", 6_000).await.unwrap(), 1);
+    drop(s);
+
+    // The file says schema 2 and has only its tables.
+    let db = ::redb::Database::create(&path).unwrap();
+    let tx = ::redb::ReadableDatabase::begin_read(&db).unwrap();
+    let meta = tx.open_table(redb::schema::META).unwrap();
+    let version = ::redb::ReadableTable::get(&meta, redb::schema::SCHEMA_VERSION_KEY)
+        .unwrap()
+        .map(|v| v.value());
+    assert_eq!(version, Some(2));
+    assert!(matches!(
+        tx.open_table(redb::schema::v1::DUE),
+        Err(::redb::TableError::TableDoesNotExist(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_key_writes_no_key_row_and_keeps_its_window_with_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let (generated, client);
+    {
+        let s = RedbStore::open(&path, 1 << 20).unwrap();
+        let mut j = job("r", "", "g", 100);
+        j.idempotency_key = j.id.to_string();
+        generated = stored(&s, j).await;
+        client = stored(&s, job("r", "client-key", "c", 100)).await;
+    }
+    let db = ::redb::Database::create(&path).unwrap();
+    let tx = ::redb::ReadableDatabase::begin_read(&db).unwrap();
+    let idem = tx.open_table(redb::schema::IDEM).unwrap();
+    let keys: Vec<(String, String)> = ::redb::ReadableTable::iter(&idem)
+        .unwrap()
+        .map(|e| {
+            let (k, _) = e.unwrap();
+            let (r, key) = k.value();
+            (r.to_owned(), key.to_owned())
+        })
+        .collect();
+    assert_eq!(keys, [("r".to_owned(), "client-key".to_owned())]);
+    let index = tx.open_table(redb::schema::INDEX).unwrap();
+    let window = |id: JobId| {
+        ::redb::ReadableTable::get(
+            &index,
+            redb::schema::IndexKind::Route.key("r", 0, id.as_u128()),
+        )
+        .unwrap()
+        .map(|v| v.value())
+    };
+    assert_eq!(window(generated), Some(WINDOW));
+    assert_eq!(window(client), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newer_schema_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
@@ -837,7 +1047,7 @@ async fn newer_schema_is_refused_and_left_untouched() {
         let tx = db.begin_write().unwrap();
         tx.open_table(redb::schema::META)
             .unwrap()
-            .insert(redb::schema::SCHEMA_VERSION_KEY, 2)
+            .insert(redb::schema::SCHEMA_VERSION_KEY, 3)
             .unwrap();
         tx.commit().unwrap();
     }
@@ -845,8 +1055,8 @@ async fn newer_schema_is_refused_and_left_untouched() {
     match RedbStore::open(&path, 1 << 20) {
         Err(StoreError::NewerSchema {
             path: p,
-            found: 2,
-            supported: 1,
+            found: 3,
+            supported: 2,
         }) => assert_eq!(p, path),
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("a newer schema must be refused"),
@@ -1101,6 +1311,7 @@ mod sealed_conformance {
         reschedule_then_lease_again,
         dead_retry_replay_delete,
         dedupe_and_key_conflict,
+        generated_key_dedupes_like_a_client_key,
         max_depth_rejects_and_stores_nothing,
         ordering_key_serialises_a_route,
         pause_and_resume,

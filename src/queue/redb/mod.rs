@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use self::commit::{BoxRequest, Pending, Shared};
 use self::ops::{EnqueueStep, TxError};
-use self::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use self::schema::{IndexKind, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use super::crypt::Sealer;
 use super::{
     Durable, EnqueueOutcome, Job, JobId, JobState, JobStore, LastOutcome, NewJob, RouteStats,
@@ -105,12 +105,20 @@ fn read_schema(tx: &ReadTransaction) -> Result<Option<u64>, TxError> {
     }
 }
 
-/// Creates every table, writes the schema version and requeues in_flight jobs.
+/// Creates every table, brings an older schema up to date, writes the schema version and
+/// requeues in_flight jobs.
 fn init(tx: &WriteTransaction, now: u64, sealer: Option<Arc<Sealer>>) -> Result<u64, TxError> {
     {
         let mut meta = tx.open_table(schema::META)?;
         let found = redb::ReadableTable::get(&meta, SCHEMA_VERSION_KEY)?.map(|v| v.value());
-        if found.is_none() {
+        if found == Some(1) {
+            let moved = migrate_v1(tx)?;
+            tracing::info!(
+                index_entries = moved,
+                "job store migrated from schema 1 to 2"
+            );
+        }
+        if found != Some(SCHEMA_VERSION) {
             meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION)?;
         }
     }
@@ -118,6 +126,44 @@ fn init(tx: &WriteTransaction, now: u64, sealer: Option<Arc<Sealer>>) -> Result<
     let n = ops::recover_in_flight(&mut tables, now)?;
     tables.finish()?;
     Ok(n)
+}
+
+/// Schema 1 to 2: the three index tables become key ranges of one (see `schema::INDEX`), in
+/// the caller's transaction, so a crash leaves either schema whole. Jobs of schema 1 all have
+/// their own idempotency rows, so every per-route entry gets the value 0. Returns how many
+/// entries moved.
+fn migrate_v1(tx: &WriteTransaction) -> Result<u64, TxError> {
+    use redb::ReadableTable;
+    use schema::{v1, IndexKind};
+    let mut index = tx.open_table(schema::INDEX)?;
+    let mut moved = 0u64;
+    {
+        let due = tx.open_table(v1::DUE)?;
+        for e in due.iter()? {
+            let (k, _) = e?;
+            let (r, t, id) = k.value();
+            index.insert(IndexKind::Due.key(r, t, id), 0)?;
+            moved += 1;
+        }
+        let pending = tx.open_table(v1::PENDING)?;
+        for e in pending.iter()? {
+            let (k, _) = e?;
+            let (r, t, id) = k.value();
+            index.insert(IndexKind::Pending.key(r, t, id), 0)?;
+            moved += 1;
+        }
+        let by_route = tx.open_table(v1::BY_ROUTE)?;
+        for e in by_route.iter()? {
+            let (k, _) = e?;
+            let (r, id) = k.value();
+            index.insert(IndexKind::Route.key(r, 0, id), 0)?;
+            moved += 1;
+        }
+    }
+    tx.delete_table(v1::DUE)?;
+    tx.delete_table(v1::PENDING)?;
+    tx.delete_table(v1::BY_ROUTE)?;
+    Ok(moved)
 }
 
 #[cfg(unix)]
@@ -446,12 +492,11 @@ impl JobStore for RedbStore {
             };
             match &route {
                 Some(r) => {
-                    let by_route = tx.open_table(schema::BY_ROUTE)?;
-                    for e in by_route
-                        .range((r.as_str(), 0u128)..=(r.as_str(), upper))?
-                        .rev()
-                    {
-                        if push(e?.0.value().1)? {
+                    let index = tx.open_table(schema::INDEX)?;
+                    let (from, _) = IndexKind::Route.range(r, 0, 0).into_inner();
+                    let to = IndexKind::Route.key(r, 0, upper);
+                    for e in index.range(from..=to)?.rev() {
+                        if push(e?.0.value().3)? {
                             break;
                         }
                     }
@@ -532,7 +577,7 @@ impl JobStore for RedbStore {
 
     async fn next_due(&self, route: &str) -> Result<Option<u64>, StoreError> {
         let route = route.to_owned();
-        self.read(move |tx| ops::next_due(&tx.open_table(schema::DUE)?, &route))
+        self.read(move |tx| ops::first_time(&tx.open_table(schema::INDEX)?, &route, IndexKind::Due))
             .await
     }
 
@@ -541,14 +586,8 @@ impl JobStore for RedbStore {
         self.read(move |tx| {
             let c = tx.open_table(schema::COUNTERS)?;
             let r = route.as_str();
-            let pending = tx.open_table(schema::PENDING)?;
-            let oldest = match pending
-                .range((r, 0u64, 0u128)..=(r, u64::MAX, u128::MAX))?
-                .next()
-            {
-                Some(e) => Some(e?.0.value().1),
-                None => None,
-            };
+            let index = tx.open_table(schema::INDEX)?;
+            let oldest = ops::first_time(&index, r, IndexKind::Pending)?;
             Ok(RouteStats {
                 queued: ops::counter(&c, r, JobState::Queued)?,
                 in_flight: ops::counter(&c, r, JobState::InFlight)?,

@@ -10,8 +10,8 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::schema::{
     decode_idem, decode_job_head, decode_job_with, decode_route, encode_idem, encode_job_with,
-    encode_route, rewrite_sealed_head, DecodeError, IdemRecordV1, RouteRecordV1, BY_ROUTE,
-    COUNTERS, DUE, EXPIRY, IDEM, JOBS, ORDER, PENDING, QUOTAS, ROUTES,
+    encode_route, rewrite_sealed_head, DecodeError, IdemRecordV1, IndexKind, RouteRecordV1,
+    COUNTERS, EXPIRY, IDEM, INDEX, JOBS, ORDER, QUOTAS, ROUTES,
 };
 use crate::queue::crypt::Sealer;
 use crate::queue::{Job, JobId, JobState, LastOutcome, NewJob, StoreError, BODY_PREFIX_MAX};
@@ -80,6 +80,9 @@ impl From<StoreError> for TxError {
 }
 
 pub(super) type TxResult<T> = Result<T, TxError>;
+
+/// A key of the index table: (route, kind, time, id); see [`IndexKind`].
+pub(super) type IndexKey = (&'static str, u8, u64, u128);
 
 /// Result of an enqueue before the commit makes it durable.
 #[derive(Debug)]
@@ -209,15 +212,41 @@ pub(super) fn first_in_order(
     }
 }
 
-pub(super) fn next_due(
-    t: &impl ReadableTable<(&'static str, u64, u128), ()>,
+/// The time of the first entry of `route` in the `kind` range of the index.
+pub(super) fn first_time(
+    t: &impl ReadableTable<IndexKey, u64>,
     route: &str,
+    kind: IndexKind,
 ) -> TxResult<Option<u64>> {
-    let mut r = t.range((route, 0u64, 0u128)..=(route, u64::MAX, u128::MAX))?;
-    match r.next() {
-        Some(e) => Ok(Some(e?.0.value().1)),
+    match t.range(kind.range(route, 0, u64::MAX))?.next() {
+        Some(e) => Ok(Some(e?.0.value().2)),
         None => Ok(None),
     }
+}
+
+/// Every route that has entries in the index, in order: one short range read per route.
+pub(super) fn index_routes(t: &impl ReadableTable<IndexKey, u64>) -> TxResult<Vec<String>> {
+    use std::ops::Bound;
+    let mut out: Vec<String> = Vec::new();
+    loop {
+        // Past every key of the last route found: the first key after it is the next route.
+        let from = match out.last() {
+            Some(r) => Bound::Excluded((r.as_str(), u8::MAX, u64::MAX, u128::MAX)),
+            None => Bound::Unbounded,
+        };
+        let next = match t.range((from, Bound::Unbounded))?.next() {
+            Some(e) => e?.0.value().0.to_owned(),
+            None => return Ok(out),
+        };
+        out.push(next);
+    }
+}
+
+/// The dedupe window stored with a job whose key was generated (the value of its per-route
+/// index entry).
+fn generated_key_window(t: &Tables<'_>, job: &Job) -> TxResult<u64> {
+    let key = IndexKind::Route.key(&job.route, 0, job.id.as_u128());
+    Ok(t.index.get(key)?.map_or(0, |v| v.value()))
 }
 
 fn truncate(mut last: LastOutcome) -> LastOutcome {
@@ -233,10 +262,8 @@ fn truncate(mut last: LastOutcome) -> LastOutcome {
 /// up a large share of the writer's time under load.
 pub(super) struct Tables<'tx> {
     pub jobs: Table<'tx, u128, &'static [u8]>,
-    pub due: Table<'tx, (&'static str, u64, u128), ()>,
-    pub pending: Table<'tx, (&'static str, u64, u128), ()>,
+    pub index: Table<'tx, IndexKey, u64>,
     pub order: Table<'tx, (&'static str, &'static str, u128), ()>,
-    pub by_route: Table<'tx, (&'static str, u128), ()>,
     pub expiry: Table<'tx, (u64, u128), ()>,
     pub idem: Table<'tx, (&'static str, &'static str), &'static [u8]>,
     pub counters: Table<'tx, (&'static str, &'static str), u64>,
@@ -254,10 +281,8 @@ impl<'tx> Tables<'tx> {
     pub fn open(tx: &'tx WriteTransaction, sealer: Option<Arc<Sealer>>) -> TxResult<Self> {
         Ok(Self {
             jobs: tx.open_table(JOBS)?,
-            due: tx.open_table(DUE)?,
-            pending: tx.open_table(PENDING)?,
+            index: tx.open_table(INDEX)?,
             order: tx.open_table(ORDER)?,
-            by_route: tx.open_table(BY_ROUTE)?,
             expiry: tx.open_table(EXPIRY)?,
             idem: tx.open_table(IDEM)?,
             counters: tx.open_table(COUNTERS)?,
@@ -313,6 +338,22 @@ impl<'tx> Tables<'tx> {
 
 /// Replaces `old` by `new` (either may be absent), keeping every index and counter in step.
 pub(super) fn put_job(t: &mut Tables<'_>, old: Option<&Job>, new: Option<&Job>) -> TxResult<()> {
+    put_job_with(t, old, new, 0)
+}
+
+/// Stores a new job; `window_ms` is its dedupe window when its key was generated (see
+/// [`IndexKind::Route`]).
+pub(super) fn insert_job(t: &mut Tables<'_>, job: &Job, window_ms: u64) -> TxResult<()> {
+    let window_ms = if job.key_is_generated() { window_ms } else { 0 };
+    put_job_with(t, None, Some(job), window_ms)
+}
+
+fn put_job_with(
+    t: &mut Tables<'_>,
+    old: Option<&Job>,
+    new: Option<&Job>,
+    window_ms: u64,
+) -> TxResult<()> {
     // Encoded (and sealed) before anything changes, so a failure leaves the batch untouched.
     let record = match new {
         Some(n) => Some(
@@ -321,24 +362,31 @@ pub(super) fn put_job(t: &mut Tables<'_>, old: Option<&Job>, new: Option<&Job>) 
         ),
         None => None,
     };
-    put_record(t, old, new.zip(record.as_deref()))
+    put_record(t, old, new.zip(record.as_deref()), window_ms)
 }
 
 /// [`put_job`] for a job whose key is missing: only its clear head changes.
 fn put_locked(t: &mut Tables<'_>, old: &Job, new: &Job, raw: &[u8]) -> TxResult<()> {
     let record = rewrite_sealed_head(raw, new).map_err(|e| job_error(new.id, e))?;
-    put_record(t, Some(old), Some((new, &record)))
+    put_record(t, Some(old), Some((new, &record)), 0)
 }
 
-fn put_record(t: &mut Tables<'_>, old: Option<&Job>, new: Option<(&Job, &[u8])>) -> TxResult<()> {
+/// `window_ms`: the value of a new job's per-route entry (see [`IndexKind::Route`]).
+fn put_record(
+    t: &mut Tables<'_>,
+    old: Option<&Job>,
+    new: Option<(&Job, &[u8])>,
+    window_ms: u64,
+) -> TxResult<()> {
+    use IndexKind::{Due, Pending, Route};
     if let Some(o) = old {
         let id = o.id.as_u128();
         let r = o.route.as_str();
         if o.state.is_due_kind() {
-            t.due.remove((r, o.next_attempt_at_ms, id))?;
+            t.index.remove(Due.key(r, o.next_attempt_at_ms, id))?;
         }
         if o.state.is_pending() {
-            t.pending.remove((r, o.created_at_ms, id))?;
+            t.index.remove(Pending.key(r, o.created_at_ms, id))?;
             if let Some(k) = &o.ordering_key {
                 t.order.remove((r, k.as_str(), id))?;
             }
@@ -351,16 +399,16 @@ fn put_record(t: &mut Tables<'_>, old: Option<&Job>, new: Option<(&Job, &[u8])>)
             let r = n.route.as_str();
             t.jobs.insert(id, record)?;
             if n.state.is_due_kind() {
-                t.due.insert((r, n.next_attempt_at_ms, id), ())?;
+                t.index.insert(Due.key(r, n.next_attempt_at_ms, id), 0)?;
             }
             if n.state.is_pending() {
-                t.pending.insert((r, n.created_at_ms, id), ())?;
+                t.index.insert(Pending.key(r, n.created_at_ms, id), 0)?;
                 if let Some(k) = &n.ordering_key {
                     t.order.insert((r, k.as_str(), id), ())?;
                 }
             }
             if old.is_none() {
-                t.by_route.insert((r, id), ())?;
+                t.index.insert(Route.key(r, 0, id), window_ms)?;
             }
             t.bump(r, n.state, true)?;
         }
@@ -368,7 +416,7 @@ fn put_record(t: &mut Tables<'_>, old: Option<&Job>, new: Option<(&Job, &[u8])>)
             if let Some(o) = old {
                 let id = o.id.as_u128();
                 t.jobs.remove(id)?;
-                t.by_route.remove((o.route.as_str(), id))?;
+                t.index.remove(Route.key(&o.route, 0, id))?;
             }
         }
     }
@@ -388,22 +436,11 @@ pub(super) fn enqueue(
     max_depth: u64,
 ) -> TxResult<EnqueueStep> {
     let now = job.created_at_ms;
-    let existing = match t
-        .idem
-        .get((job.route.as_str(), job.idempotency_key.as_str()))?
-    {
-        Some(v) => Some(decode_idem(v.value())?),
-        None => None,
-    };
-    if let Some(rec) = existing {
-        // The head is enough for the state, and needs no decryption.
-        let held = match load_head(&t.jobs, JobId::from_u128(rec.id))? {
-            Some(j) => j.state != JobState::Delivered || now < rec.expires_at_ms,
-            None => false,
-        };
-        if held {
-            let id = JobId::from_u128(rec.id);
-            return Ok(if rec.fingerprint == job.fingerprint {
+    // A generated key is the new job's own id: no other job can hold it.
+    let generated = job.id.is_text(&job.idempotency_key);
+    if !generated {
+        if let Some((id, fingerprint)) = key_holder(t, &job.route, &job.idempotency_key, now)? {
+            return Ok(if fingerprint == job.fingerprint {
                 EnqueueStep::Duplicate(id)
             } else {
                 EnqueueStep::KeyConflict(id)
@@ -417,18 +454,54 @@ pub(super) fn enqueue(
         return Ok(EnqueueStep::QueueFull);
     }
     let job = Job::from_new(job);
-    let rec = IdemRecordV1 {
-        id: job.id.as_u128(),
-        fingerprint: job.fingerprint,
-        window_ms: dedupe_window_ms,
-        expires_at_ms: u64::MAX,
-    };
-    t.idem.insert(
-        (job.route.as_str(), job.idempotency_key.as_str()),
-        encode_idem(&rec).as_slice(),
-    )?;
-    put_job(t, None, Some(&job))?;
+    if !generated {
+        let rec = IdemRecordV1 {
+            id: job.id.as_u128(),
+            fingerprint: job.fingerprint,
+            window_ms: dedupe_window_ms,
+            expires_at_ms: u64::MAX,
+        };
+        t.idem.insert(
+            (job.route.as_str(), job.idempotency_key.as_str()),
+            encode_idem(&rec).as_slice(),
+        )?;
+    }
+    insert_job(t, &job, dedupe_window_ms)?;
     Ok(EnqueueStep::Stored(job.id))
+}
+
+/// The job holding `key` on `route` at `now`, and its fingerprint: while it is pending or
+/// dead, and once delivered until its dedupe window ends.
+fn key_holder(
+    t: &Tables<'_>,
+    route: &str,
+    key: &str,
+    now: u64,
+) -> TxResult<Option<(JobId, [u8; 32])>> {
+    // Heads are enough for the state, and need no decryption.
+    if let Some(v) = t.idem.get((route, key))? {
+        let rec = decode_idem(v.value())?;
+        let id = JobId::from_u128(rec.id);
+        let held = match load_head(&t.jobs, id)? {
+            Some(j) => j.state != JobState::Delivered || now < rec.expires_at_ms,
+            None => false,
+        };
+        return Ok(held.then_some((id, rec.fingerprint)));
+    }
+    // A key generated for an earlier job (a client repeating what the 202 told it) is that
+    // job's id, and has no row of its own.
+    let Ok(id) = key.parse::<JobId>() else {
+        return Ok(None);
+    };
+    let Some(j) = load_head(&t.jobs, id)? else {
+        return Ok(None);
+    };
+    if j.route != route || j.idempotency_key != key || !j.key_is_generated() {
+        return Ok(None);
+    }
+    let held = j.state != JobState::Delivered
+        || now < j.updated_at_ms.saturating_add(generated_key_window(t, &j)?);
+    Ok(held.then_some((id, j.fingerprint)))
 }
 
 pub(super) fn lease_due(
@@ -443,12 +516,9 @@ pub(super) fn lease_due(
     }
     let mut picked = Vec::new();
     let mut locked = Vec::new();
-    for entry in t
-        .due
-        .range((route, 0u64, 0u128)..=(route, now_ms, u128::MAX))?
-    {
+    for entry in t.index.range(IndexKind::Due.range(route, 0, now_ms))? {
         let (k, _) = entry?;
-        let id = JobId::from_u128(k.value().2);
+        let id = JobId::from_u128(k.value().3);
         let job = match load_stored(&t.jobs, t.sealer.as_deref(), id)? {
             Some(Stored::Open(job)) => job,
             // Never deliverable with the keys at hand, and left due it would be leased
@@ -500,15 +570,20 @@ pub(super) fn ack(t: &mut Tables<'_>, id: JobId, now_ms: u64) -> TxResult<()> {
     new.state = JobState::Delivered;
     new.updated_at_ms = now_ms;
     let mut expires = now_ms;
-    let key = (old.route.as_str(), old.idempotency_key.as_str());
-    let rec = match t.idem.get(key)? {
-        Some(v) => Some(decode_idem(v.value())?),
-        None => None,
-    };
-    if let Some(mut rec) = rec.filter(|r| r.id == id.as_u128()) {
-        expires = now_ms.saturating_add(rec.window_ms);
-        rec.expires_at_ms = expires;
-        t.idem.insert(key, encode_idem(&rec).as_slice())?;
+    if old.key_is_generated() {
+        // The window starts now: `key_holder` counts it from the delivery (updated_at_ms).
+        expires = now_ms.saturating_add(generated_key_window(t, &old)?);
+    } else {
+        let key = (old.route.as_str(), old.idempotency_key.as_str());
+        let rec = match t.idem.get(key)? {
+            Some(v) => Some(decode_idem(v.value())?),
+            None => None,
+        };
+        if let Some(mut rec) = rec.filter(|r| r.id == id.as_u128()) {
+            expires = now_ms.saturating_add(rec.window_ms);
+            rec.expires_at_ms = expires;
+            t.idem.insert(key, encode_idem(&rec).as_slice())?;
+        }
     }
     t.expiry.insert((expires, id.as_u128()), ())?;
     put_job(t, Some(&old), Some(&new))
@@ -592,6 +667,9 @@ pub(super) fn delete(t: &mut Tables<'_>, id: JobId) -> TxResult<bool> {
 }
 
 fn drop_idem_if_owned(t: &mut Tables<'_>, job: &Job) -> TxResult<()> {
+    if job.key_is_generated() {
+        return Ok(());
+    }
     let key = (job.route.as_str(), job.idempotency_key.as_str());
     let owned = match t.idem.get(key)? {
         Some(v) => decode_idem(v.value())?.id == job.id.as_u128(),
@@ -605,10 +683,10 @@ fn drop_idem_if_owned(t: &mut Tables<'_>, job: &Job) -> TxResult<()> {
 
 pub(super) fn replay_dead(t: &mut Tables<'_>, route: &str, now_ms: u64) -> TxResult<u64> {
     let mut dead = Vec::new();
-    for entry in t.by_route.range((route, 0u128)..=(route, u128::MAX))? {
+    for entry in t.index.range(IndexKind::Route.range(route, 0, 0))? {
         let (k, _) = entry?;
         // Only dead jobs are read in full (or found locked).
-        let id = JobId::from_u128(k.value().1);
+        let id = JobId::from_u128(k.value().3);
         if load_head(&t.jobs, id)?.is_some_and(|j| j.state == JobState::Dead) {
             if let Some(j) = load_stored(&t.jobs, t.sealer.as_deref(), id)? {
                 dead.push(j);
@@ -677,13 +755,18 @@ pub(super) fn purge_expired(t: &mut Tables<'_>, now_ms: u64, batch: usize) -> Tx
 /// At open: every in_flight job becomes queued again, due now. Returns how many.
 pub(super) fn recover_in_flight(t: &mut Tables<'_>, now_ms: u64) -> TxResult<u64> {
     let mut stuck = Vec::new();
-    for entry in t.pending.iter()? {
-        let (k, _) = entry?;
-        let id = JobId::from_u128(k.value().2);
-        // A job whose key is missing is requeued too: opening the store never needs a key.
-        if load_head(&t.jobs, id)?.is_some_and(|j| j.state == JobState::InFlight) {
-            if let Some(j) = load_stored(&t.jobs, t.sealer.as_deref(), id)? {
-                stuck.push(j);
+    for route in index_routes(&t.index)? {
+        for entry in t
+            .index
+            .range(IndexKind::Pending.range(&route, 0, u64::MAX))?
+        {
+            let (k, _) = entry?;
+            let id = JobId::from_u128(k.value().3);
+            // A job whose key is missing is requeued too: opening the store never needs a key.
+            if load_head(&t.jobs, id)?.is_some_and(|j| j.state == JobState::InFlight) {
+                if let Some(j) = load_stored(&t.jobs, t.sealer.as_deref(), id)? {
+                    stuck.push(j);
+                }
             }
         }
     }

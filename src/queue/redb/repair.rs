@@ -38,7 +38,7 @@ use super::schema::{
     SCHEMA_VERSION, SCHEMA_VERSION_KEY,
 };
 use crate::queue::crypt::Sealer;
-use crate::queue::{Job, JobState};
+use crate::queue::{Job, JobId, JobState};
 use std::sync::Arc;
 
 /// Jobs written per transaction of the fresh file.
@@ -659,7 +659,14 @@ fn write_fresh(
                 if t.jobs.get(j.id.as_u128())?.is_some() {
                     continue;
                 }
-                ops::put_job(t, None, Some(j))?;
+                // A generated key has no row of its own; its window is kept with the job.
+                // Delivered, it is purged at once, like a job whose key row is rebuilt.
+                let delivered = j.state == JobState::Delivered;
+                let window = if delivered { 0 } else { REBUILT_KEY_WINDOW_MS };
+                ops::insert_job(t, j, window)?;
+                if delivered && j.key_is_generated() {
+                    t.expiry.insert((j.updated_at_ms, j.id.as_u128()), ())?;
+                }
             }
             Ok(())
         })?;
@@ -693,7 +700,7 @@ fn write_fresh(
     }
     report.keys_saved = keep.len() as u64;
     for (id, (route, key, state, updated, fingerprint)) in &saved {
-        if owned.contains(id) {
+        if owned.contains(id) || JobId::from_u128(*id).is_text(key) {
             continue;
         }
         let expires_at_ms = if *state == JobState::Delivered {
