@@ -885,6 +885,10 @@ async fn in_flight_jobs_are_queued_again_after_reopen() {
     assert_eq!(leased.len(), 2);
 }
 
+fn ids_of(jobs: &[Job]) -> Vec<JobId> {
+    jobs.iter().map(|j| j.id).collect()
+}
+
 /// Puts a store file of schema 2 back into schema 1's layout: the three index tables the
 /// first release wrote, and its version record.
 fn downgrade_to_v1(path: &std::path::Path) {
@@ -959,27 +963,15 @@ async fn a_schema_1_file_is_migrated_on_open_with_every_job_in_its_place() {
     assert_eq!(st.oldest_queued_created_at_ms, Some(100));
     assert_eq!(s.next_due("r").await.unwrap(), Some(100));
     assert_eq!(s.routes().await.unwrap(), ["r", "r2"]);
-    let listed: Vec<JobId> = s
-        .list(Some("r"), None, 10, None)
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(listed, [e, d, c, b, a]);
+    let listed = s.list(Some("r"), None, 10, None).await.unwrap();
+    assert_eq!(ids_of(&listed), [e, d, c, b, a]);
     // Keys of schema 1 still dedupe; due order and times survived.
     assert!(matches!(
         s.enqueue(job("r", "d", "d", 400), WINDOW, DEEP).await.unwrap(),
         EnqueueOutcome::Duplicate(x) if *x.get() == d
     ));
-    let leased: Vec<JobId> = s
-        .lease_due("r", 4_999, 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(leased, [a]);
+    let leased = s.lease_due("r", 4_999, 10).await.unwrap();
+    assert_eq!(ids_of(&leased), [a]);
     assert_eq!(s.lease_due("r", 5_000, 10).await.unwrap()[0].id, c);
     // b was in flight: requeued at the open, due at the open's wall-clock time.
     assert_eq!(s.lease_due("r", u64::MAX - 1, 10).await.unwrap()[0].id, b);

@@ -137,31 +137,22 @@ fn migrate_v1(tx: &WriteTransaction) -> Result<u64, TxError> {
     use schema::{v1, IndexKind};
     let mut index = tx.open_table(schema::INDEX)?;
     let mut moved = 0u64;
-    {
-        let due = tx.open_table(v1::DUE)?;
-        for e in due.iter()? {
+    // Both tables are keyed (route, time, id).
+    for (table, kind) in [(v1::DUE, IndexKind::Due), (v1::PENDING, IndexKind::Pending)] {
+        for e in tx.open_table(table)?.iter()? {
             let (k, _) = e?;
             let (r, t, id) = k.value();
-            index.insert(IndexKind::Due.key(r, t, id), 0)?;
+            index.insert(kind.key(r, t, id), 0)?;
             moved += 1;
         }
-        let pending = tx.open_table(v1::PENDING)?;
-        for e in pending.iter()? {
-            let (k, _) = e?;
-            let (r, t, id) = k.value();
-            index.insert(IndexKind::Pending.key(r, t, id), 0)?;
-            moved += 1;
-        }
-        let by_route = tx.open_table(v1::BY_ROUTE)?;
-        for e in by_route.iter()? {
-            let (k, _) = e?;
-            let (r, id) = k.value();
-            index.insert(IndexKind::Route.key(r, 0, id), 0)?;
-            moved += 1;
-        }
+        tx.delete_table(table)?;
     }
-    tx.delete_table(v1::DUE)?;
-    tx.delete_table(v1::PENDING)?;
+    for e in tx.open_table(v1::BY_ROUTE)?.iter()? {
+        let (k, _) = e?;
+        let (r, id) = k.value();
+        index.insert(IndexKind::Route.key(r, 0, id), 0)?;
+        moved += 1;
+    }
     tx.delete_table(v1::BY_ROUTE)?;
     Ok(moved)
 }
