@@ -47,10 +47,10 @@
 //! | --- | --- | --- |
 //! | `meta` | name | u64 (`schema_version`) |
 //! | `jobs_v1` | job id (u128, UUIDv7 so time ordered) | version byte + postcard `JobRecordV1`, or sealed `JobRecordV2` (see `redb/schema.rs`) |
-//! | `index_v2` | (route, 1, next_attempt_at_ms, id) | 0 — queued and retrying jobs (due) |
-//! | | (route, 2, created_at_ms, id) | 0 — queued, in_flight, retrying (pending) |
-//! | | (route, 3, 0, id) | every job, for listing; the dedupe window of a job whose key was generated |
+//! | `due_v1` | (route, next_attempt_at_ms, id) | () — queued and retrying jobs |
+//! | `pending_v1` | (route, created_at_ms, id) | () — queued, in_flight, retrying |
 //! | `order_v1` | (route, ordering_key, id) | () — undelivered jobs with an ordering key |
+//! | `by_route_v2` | (route, id) | u64 — every job, for listing; the dedupe window of a job whose key was generated, else 0 |
 //! | `expiry_v1` | (expires_at_ms, id) | () — delivered jobs, purged after the window |
 //! | `idem_v1` | (route, idempotency_key) | version byte + postcard (id, fingerprint, window, expires); none for a generated key (it is the job id) |
 //! | `counters_v1` | (route, state) | u64 |

@@ -889,34 +889,26 @@ fn ids_of(jobs: &[Job]) -> Vec<JobId> {
     jobs.iter().map(|j| j.id).collect()
 }
 
-/// Puts a store file of schema 2 back into schema 1's layout: the three index tables the
-/// first release wrote, and its version record.
+/// Puts a store file of schema 2 back into schema 1's layout: the per-route table without
+/// values, as the first release wrote it, and its version record.
 fn downgrade_to_v1(path: &std::path::Path) {
-    use self::redb::schema::{v1, INDEX, META, SCHEMA_VERSION_KEY};
+    use self::redb::schema::{v1, BY_ROUTE, META, SCHEMA_VERSION_KEY};
     let db = ::redb::Database::create(path).unwrap();
     let tx = db.begin_write().unwrap();
     {
-        let index = tx.open_table(INDEX).unwrap();
-        let mut due = tx.open_table(v1::DUE).unwrap();
-        let mut pending = tx.open_table(v1::PENDING).unwrap();
-        let mut by_route = tx.open_table(v1::BY_ROUTE).unwrap();
-        for e in ::redb::ReadableTable::iter(&index).unwrap() {
+        let by_route = tx.open_table(BY_ROUTE).unwrap();
+        let mut old = tx.open_table(v1::BY_ROUTE).unwrap();
+        for e in ::redb::ReadableTable::iter(&by_route).unwrap() {
             let (k, v) = e.unwrap();
-            let (r, kind, t, id) = k.value();
             assert_eq!(v.value(), 0, "schema 1 has no generated-key windows");
-            match kind {
-                1 => due.insert((r, t, id), ()).unwrap(),
-                2 => pending.insert((r, t, id), ()).unwrap(),
-                3 => by_route.insert((r, id), ()).unwrap(),
-                other => panic!("unknown index kind {other}"),
-            };
+            old.insert(k.value(), ()).unwrap();
         }
         tx.open_table(META)
             .unwrap()
             .insert(SCHEMA_VERSION_KEY, 1)
             .unwrap();
     }
-    tx.delete_table(INDEX).unwrap();
+    tx.delete_table(BY_ROUTE).unwrap();
     tx.commit().unwrap();
 }
 
@@ -987,7 +979,7 @@ async fn a_schema_1_file_is_migrated_on_open_with_every_job_in_its_place() {
         .map(|v| v.value());
     assert_eq!(version, Some(2));
     assert!(matches!(
-        tx.open_table(redb::schema::v1::DUE),
+        tx.open_table(redb::schema::v1::BY_ROUTE),
         Err(::redb::TableError::TableDoesNotExist(_))
     ));
 }
@@ -1016,14 +1008,11 @@ async fn a_generated_key_writes_no_key_row_and_keeps_its_window_with_the_job() {
         })
         .collect();
     assert_eq!(keys, [("r".to_owned(), "client-key".to_owned())]);
-    let index = tx.open_table(redb::schema::INDEX).unwrap();
+    let by_route = tx.open_table(redb::schema::BY_ROUTE).unwrap();
     let window = |id: JobId| {
-        ::redb::ReadableTable::get(
-            &index,
-            redb::schema::IndexKind::Route.key("r", 0, id.as_u128()),
-        )
-        .unwrap()
-        .map(|v| v.value())
+        ::redb::ReadableTable::get(&by_route, ("r", id.as_u128()))
+            .unwrap()
+            .map(|v| v.value())
     };
     assert_eq!(window(generated), Some(WINDOW));
     assert_eq!(window(client), Some(0));

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use self::commit::{BoxRequest, Pending, Shared};
 use self::ops::{EnqueueStep, TxError};
-use self::schema::{IndexKind, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use self::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use super::crypt::Sealer;
 use super::{
     Durable, EnqueueOutcome, Job, JobId, JobState, JobStore, LastOutcome, NewJob, RouteStats,
@@ -113,10 +113,7 @@ fn init(tx: &WriteTransaction, now: u64, sealer: Option<Arc<Sealer>>) -> Result<
         let found = redb::ReadableTable::get(&meta, SCHEMA_VERSION_KEY)?.map(|v| v.value());
         if found == Some(1) {
             let moved = migrate_v1(tx)?;
-            tracing::info!(
-                index_entries = moved,
-                "job store migrated from schema 1 to 2"
-            );
+            tracing::info!(jobs = moved, "job store migrated from schema 1 to 2");
         }
         if found != Some(SCHEMA_VERSION) {
             meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION)?;
@@ -128,32 +125,19 @@ fn init(tx: &WriteTransaction, now: u64, sealer: Option<Arc<Sealer>>) -> Result<
     Ok(n)
 }
 
-/// Schema 1 to 2: the three index tables become key ranges of one (see `schema::INDEX`), in
-/// the caller's transaction, so a crash leaves either schema whole. Jobs of schema 1 all have
-/// their own idempotency rows, so every per-route entry gets the value 0. Returns how many
-/// entries moved.
+/// Schema 1 to 2: the per-route table gets a value (see `schema::BY_ROUTE`), in the caller's
+/// transaction, so a crash leaves either schema whole. Jobs of schema 1 all have their own
+/// idempotency rows, so every entry gets the value 0. Returns how many entries moved.
 fn migrate_v1(tx: &WriteTransaction) -> Result<u64, TxError> {
     use redb::ReadableTable;
-    use schema::{v1, IndexKind};
-    let mut index = tx.open_table(schema::INDEX)?;
+    let mut by_route = tx.open_table(schema::BY_ROUTE)?;
     let mut moved = 0u64;
-    // Both tables are keyed (route, time, id).
-    for (table, kind) in [(v1::DUE, IndexKind::Due), (v1::PENDING, IndexKind::Pending)] {
-        for e in tx.open_table(table)?.iter()? {
-            let (k, _) = e?;
-            let (r, t, id) = k.value();
-            index.insert(kind.key(r, t, id), 0)?;
-            moved += 1;
-        }
-        tx.delete_table(table)?;
-    }
-    for e in tx.open_table(v1::BY_ROUTE)?.iter()? {
+    for e in tx.open_table(schema::v1::BY_ROUTE)?.iter()? {
         let (k, _) = e?;
-        let (r, id) = k.value();
-        index.insert(IndexKind::Route.key(r, 0, id), 0)?;
+        by_route.insert(k.value(), 0)?;
         moved += 1;
     }
-    tx.delete_table(v1::BY_ROUTE)?;
+    tx.delete_table(schema::v1::BY_ROUTE)?;
     Ok(moved)
 }
 
@@ -483,11 +467,12 @@ impl JobStore for RedbStore {
             };
             match &route {
                 Some(r) => {
-                    let index = tx.open_table(schema::INDEX)?;
-                    let (from, _) = IndexKind::Route.range(r, 0, 0).into_inner();
-                    let to = IndexKind::Route.key(r, 0, upper);
-                    for e in index.range(from..=to)?.rev() {
-                        if push(e?.0.value().3)? {
+                    let by_route = tx.open_table(schema::BY_ROUTE)?;
+                    for e in by_route
+                        .range((r.as_str(), 0u128)..=(r.as_str(), upper))?
+                        .rev()
+                    {
+                        if push(e?.0.value().1)? {
                             break;
                         }
                     }
@@ -568,7 +553,7 @@ impl JobStore for RedbStore {
 
     async fn next_due(&self, route: &str) -> Result<Option<u64>, StoreError> {
         let route = route.to_owned();
-        self.read(move |tx| ops::first_time(&tx.open_table(schema::INDEX)?, &route, IndexKind::Due))
+        self.read(move |tx| ops::first_time(&tx.open_table(schema::DUE)?, &route))
             .await
     }
 
@@ -577,8 +562,7 @@ impl JobStore for RedbStore {
         self.read(move |tx| {
             let c = tx.open_table(schema::COUNTERS)?;
             let r = route.as_str();
-            let index = tx.open_table(schema::INDEX)?;
-            let oldest = ops::first_time(&index, r, IndexKind::Pending)?;
+            let oldest = ops::first_time(&tx.open_table(schema::PENDING)?, r)?;
             Ok(RouteStats {
                 queued: ops::counter(&c, r, JobState::Queued)?,
                 in_flight: ops::counter(&c, r, JobState::InFlight)?,

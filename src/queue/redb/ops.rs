@@ -10,8 +10,8 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::schema::{
     decode_idem, decode_job_head, decode_job_with, decode_route, encode_idem, encode_job_with,
-    encode_route, rewrite_sealed_head, DecodeError, IdemRecordV1, IndexKind, RouteRecordV1,
-    COUNTERS, EXPIRY, IDEM, INDEX, JOBS, ORDER, QUOTAS, ROUTES,
+    encode_route, rewrite_sealed_head, DecodeError, IdemRecordV1, RouteRecordV1, BY_ROUTE,
+    COUNTERS, DUE, EXPIRY, IDEM, JOBS, ORDER, PENDING, QUOTAS, ROUTES,
 };
 use crate::queue::crypt::Sealer;
 use crate::queue::{Job, JobId, JobState, LastOutcome, NewJob, StoreError, BODY_PREFIX_MAX};
@@ -80,9 +80,6 @@ impl From<StoreError> for TxError {
 }
 
 pub(super) type TxResult<T> = Result<T, TxError>;
-
-/// A key of the index table: (route, kind, time, id); see [`IndexKind`].
-pub(super) type IndexKey = (&'static str, u8, u64, u128);
 
 /// Result of an enqueue before the commit makes it durable.
 #[derive(Debug)]
@@ -212,41 +209,23 @@ pub(super) fn first_in_order(
     }
 }
 
-/// The time of the first entry of `route` in the `kind` range of the index.
+/// The time of the first entry of `route` in a (route, time, id) index.
 pub(super) fn first_time(
-    t: &impl ReadableTable<IndexKey, u64>,
+    t: &impl ReadableTable<(&'static str, u64, u128), ()>,
     route: &str,
-    kind: IndexKind,
 ) -> TxResult<Option<u64>> {
-    match t.range(kind.range(route, 0, u64::MAX))?.next() {
-        Some(e) => Ok(Some(e?.0.value().2)),
+    let mut r = t.range((route, 0u64, 0u128)..=(route, u64::MAX, u128::MAX))?;
+    match r.next() {
+        Some(e) => Ok(Some(e?.0.value().1)),
         None => Ok(None),
     }
 }
 
-/// Every route that has entries in the index, in order: one short range read per route.
-pub(super) fn index_routes(t: &impl ReadableTable<IndexKey, u64>) -> TxResult<Vec<String>> {
-    use std::ops::Bound;
-    let mut out: Vec<String> = Vec::new();
-    loop {
-        // Past every key of the last route found: the first key after it is the next route.
-        let from = match out.last() {
-            Some(r) => Bound::Excluded((r.as_str(), u8::MAX, u64::MAX, u128::MAX)),
-            None => Bound::Unbounded,
-        };
-        let next = match t.range((from, Bound::Unbounded))?.next() {
-            Some(e) => e?.0.value().0.to_owned(),
-            None => return Ok(out),
-        };
-        out.push(next);
-    }
-}
-
-/// The dedupe window stored with a job whose key was generated (the value of its per-route
-/// index entry).
+/// The dedupe window stored with a job whose key was generated (the value of its
+/// [`BY_ROUTE`] entry).
 fn generated_key_window(t: &Tables<'_>, job: &Job) -> TxResult<u64> {
-    let key = IndexKind::Route.key(&job.route, 0, job.id.as_u128());
-    Ok(t.index.get(key)?.map_or(0, |v| v.value()))
+    let key = (job.route.as_str(), job.id.as_u128());
+    Ok(t.by_route.get(key)?.map_or(0, |v| v.value()))
 }
 
 fn truncate(mut last: LastOutcome) -> LastOutcome {
@@ -262,8 +241,10 @@ fn truncate(mut last: LastOutcome) -> LastOutcome {
 /// up a large share of the writer's time under load.
 pub(super) struct Tables<'tx> {
     pub jobs: Table<'tx, u128, &'static [u8]>,
-    pub index: Table<'tx, IndexKey, u64>,
+    pub due: Table<'tx, (&'static str, u64, u128), ()>,
+    pub pending: Table<'tx, (&'static str, u64, u128), ()>,
     pub order: Table<'tx, (&'static str, &'static str, u128), ()>,
+    pub by_route: Table<'tx, (&'static str, u128), u64>,
     pub expiry: Table<'tx, (u64, u128), ()>,
     pub idem: Table<'tx, (&'static str, &'static str), &'static [u8]>,
     pub counters: Table<'tx, (&'static str, &'static str), u64>,
@@ -281,8 +262,10 @@ impl<'tx> Tables<'tx> {
     pub fn open(tx: &'tx WriteTransaction, sealer: Option<Arc<Sealer>>) -> TxResult<Self> {
         Ok(Self {
             jobs: tx.open_table(JOBS)?,
-            index: tx.open_table(INDEX)?,
+            due: tx.open_table(DUE)?,
+            pending: tx.open_table(PENDING)?,
             order: tx.open_table(ORDER)?,
+            by_route: tx.open_table(BY_ROUTE)?,
             expiry: tx.open_table(EXPIRY)?,
             idem: tx.open_table(IDEM)?,
             counters: tx.open_table(COUNTERS)?,
@@ -341,8 +324,8 @@ pub(super) fn put_job(t: &mut Tables<'_>, old: Option<&Job>, new: Option<&Job>) 
     put_job_with(t, old, new, 0)
 }
 
-/// Stores a new job; `window_ms` is its dedupe window when its key was generated (see
-/// [`IndexKind::Route`]).
+/// Stores a new job; `window_ms` is its dedupe window when its key was generated (kept as
+/// its [`BY_ROUTE`] value).
 pub(super) fn insert_job(t: &mut Tables<'_>, job: &Job, window_ms: u64) -> TxResult<()> {
     let window_ms = if job.key_is_generated() { window_ms } else { 0 };
     put_job_with(t, None, Some(job), window_ms)
@@ -371,22 +354,21 @@ fn put_locked(t: &mut Tables<'_>, old: &Job, new: &Job, raw: &[u8]) -> TxResult<
     put_record(t, Some(old), Some((new, &record)), 0)
 }
 
-/// `window_ms`: the value of a new job's per-route entry (see [`IndexKind::Route`]).
+/// `window_ms`: the value of a new job's [`BY_ROUTE`] entry.
 fn put_record(
     t: &mut Tables<'_>,
     old: Option<&Job>,
     new: Option<(&Job, &[u8])>,
     window_ms: u64,
 ) -> TxResult<()> {
-    use IndexKind::{Due, Pending, Route};
     if let Some(o) = old {
         let id = o.id.as_u128();
         let r = o.route.as_str();
         if o.state.is_due_kind() {
-            t.index.remove(Due.key(r, o.next_attempt_at_ms, id))?;
+            t.due.remove((r, o.next_attempt_at_ms, id))?;
         }
         if o.state.is_pending() {
-            t.index.remove(Pending.key(r, o.created_at_ms, id))?;
+            t.pending.remove((r, o.created_at_ms, id))?;
             if let Some(k) = &o.ordering_key {
                 t.order.remove((r, k.as_str(), id))?;
             }
@@ -399,16 +381,16 @@ fn put_record(
             let r = n.route.as_str();
             t.jobs.insert(id, record)?;
             if n.state.is_due_kind() {
-                t.index.insert(Due.key(r, n.next_attempt_at_ms, id), 0)?;
+                t.due.insert((r, n.next_attempt_at_ms, id), ())?;
             }
             if n.state.is_pending() {
-                t.index.insert(Pending.key(r, n.created_at_ms, id), 0)?;
+                t.pending.insert((r, n.created_at_ms, id), ())?;
                 if let Some(k) = &n.ordering_key {
                     t.order.insert((r, k.as_str(), id), ())?;
                 }
             }
             if old.is_none() {
-                t.index.insert(Route.key(r, 0, id), window_ms)?;
+                t.by_route.insert((r, id), window_ms)?;
             }
             t.bump(r, n.state, true)?;
         }
@@ -416,7 +398,7 @@ fn put_record(
             if let Some(o) = old {
                 let id = o.id.as_u128();
                 t.jobs.remove(id)?;
-                t.index.remove(Route.key(&o.route, 0, id))?;
+                t.by_route.remove((o.route.as_str(), id))?;
             }
         }
     }
@@ -516,9 +498,12 @@ pub(super) fn lease_due(
     }
     let mut picked = Vec::new();
     let mut locked = Vec::new();
-    for entry in t.index.range(IndexKind::Due.range(route, 0, now_ms))? {
+    for entry in t
+        .due
+        .range((route, 0u64, 0u128)..=(route, now_ms, u128::MAX))?
+    {
         let (k, _) = entry?;
-        let id = JobId::from_u128(k.value().3);
+        let id = JobId::from_u128(k.value().2);
         let job = match load_stored(&t.jobs, t.sealer.as_deref(), id)? {
             Some(Stored::Open(job)) => job,
             // Never deliverable with the keys at hand, and left due it would be leased
@@ -683,10 +668,10 @@ fn drop_idem_if_owned(t: &mut Tables<'_>, job: &Job) -> TxResult<()> {
 
 pub(super) fn replay_dead(t: &mut Tables<'_>, route: &str, now_ms: u64) -> TxResult<u64> {
     let mut dead = Vec::new();
-    for entry in t.index.range(IndexKind::Route.range(route, 0, 0))? {
+    for entry in t.by_route.range((route, 0u128)..=(route, u128::MAX))? {
         let (k, _) = entry?;
         // Only dead jobs are read in full (or found locked).
-        let id = JobId::from_u128(k.value().3);
+        let id = JobId::from_u128(k.value().1);
         if load_head(&t.jobs, id)?.is_some_and(|j| j.state == JobState::Dead) {
             if let Some(j) = load_stored(&t.jobs, t.sealer.as_deref(), id)? {
                 dead.push(j);
@@ -755,18 +740,13 @@ pub(super) fn purge_expired(t: &mut Tables<'_>, now_ms: u64, batch: usize) -> Tx
 /// At open: every in_flight job becomes queued again, due now. Returns how many.
 pub(super) fn recover_in_flight(t: &mut Tables<'_>, now_ms: u64) -> TxResult<u64> {
     let mut stuck = Vec::new();
-    for route in index_routes(&t.index)? {
-        for entry in t
-            .index
-            .range(IndexKind::Pending.range(&route, 0, u64::MAX))?
-        {
-            let (k, _) = entry?;
-            let id = JobId::from_u128(k.value().3);
-            // A job whose key is missing is requeued too: opening the store never needs a key.
-            if load_head(&t.jobs, id)?.is_some_and(|j| j.state == JobState::InFlight) {
-                if let Some(j) = load_stored(&t.jobs, t.sealer.as_deref(), id)? {
-                    stuck.push(j);
-                }
+    for entry in t.pending.iter()? {
+        let (k, _) = entry?;
+        let id = JobId::from_u128(k.value().2);
+        // A job whose key is missing is requeued too: opening the store never needs a key.
+        if load_head(&t.jobs, id)?.is_some_and(|j| j.state == JobState::InFlight) {
+            if let Some(j) = load_stored(&t.jobs, t.sealer.as_deref(), id)? {
+                stuck.push(j);
             }
         }
     }

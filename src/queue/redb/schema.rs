@@ -23,7 +23,7 @@ use crate::queue::{Job, JobId, JobState, LastOutcome, BODY_PREFIX_MAX};
 /// | schema | change |
 /// | --- | --- |
 /// | 1 | first release |
-/// | 2 | the due, pending and per-route indexes in one table, [`INDEX`]; a job whose idempotency key was generated (the key is the job id) has no [`IDEM`] row, its dedupe window is the value of its per-route row |
+/// | 2 | a job whose idempotency key was generated (the key is the job id) has no [`IDEM`] row; its dedupe window is the value of its [`BY_ROUTE`] entry (`by_route_v1` had no value) |
 ///
 /// A file of schema 1 is migrated when it is opened read-write (`migrate_v1` in `mod.rs`).
 pub const SCHEMA_VERSION: u64 = 2;
@@ -31,50 +31,18 @@ pub const SCHEMA_VERSION_KEY: &str = "schema_version";
 
 pub const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 pub const JOBS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("jobs_v1");
-/// (route, kind, time, id) -> value: the job indexes of a route, one key range per kind
-/// ([`IndexKind`]). One table rather than three, because every table a commit touches costs
-/// it a leaf and a branch path of page writes, and the accept path writes all three kinds.
-pub const INDEX: TableDefinition<'_, (&str, u8, u64, u128), u64> = TableDefinition::new("index_v2");
+/// (route, next_attempt_at_ms, id): queued and retrying jobs.
+pub const DUE: TableDefinition<'_, (&str, u64, u128), ()> = TableDefinition::new("due_v1");
+/// (route, created_at_ms, id): queued, in_flight and retrying jobs.
+pub const PENDING: TableDefinition<'_, (&str, u64, u128), ()> = TableDefinition::new("pending_v1");
+/// (route, id) -> the dedupe window (ms) of a job whose key was generated, else 0 (its
+/// window is in its [`IDEM`] row): every job.
+pub const BY_ROUTE: TableDefinition<'_, (&str, u128), u64> = TableDefinition::new("by_route_v2");
 
-/// The key ranges of [`INDEX`]: what each holds, what its time is, what its value is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum IndexKind {
-    /// Queued and retrying jobs; time: next_attempt_at_ms; value 0.
-    Due = 1,
-    /// Queued, in_flight and retrying jobs; time: created_at_ms; value 0.
-    Pending = 2,
-    /// Every job; time 0; value: the dedupe window (ms) of a job whose key was generated,
-    /// else 0 (its window is in its [`IDEM`] row).
-    Route = 3,
-}
-
-impl IndexKind {
-    /// The key of `id` in this range.
-    pub fn key(self, route: &str, time: u64, id: u128) -> (&str, u8, u64, u128) {
-        (route, self as u8, time, id)
-    }
-
-    /// The keys of `route` in this range with a time in `from..=to`.
-    pub fn range(
-        self,
-        route: &str,
-        from: u64,
-        to: u64,
-    ) -> std::ops::RangeInclusive<(&str, u8, u64, u128)> {
-        (route, self as u8, from, 0)..=(route, self as u8, to, u128::MAX)
-    }
-}
-
-/// Schema 1's separate index tables; read once by the migration to schema 2, then deleted.
+/// Schema 1's tables that schema 2 replaced; read once by the migration, then deleted.
 pub mod v1 {
     use redb::TableDefinition;
 
-    /// (route, next_attempt_at_ms, id): queued and retrying jobs.
-    pub const DUE: TableDefinition<'_, (&str, u64, u128), ()> = TableDefinition::new("due_v1");
-    /// (route, created_at_ms, id): queued, in_flight and retrying jobs.
-    pub const PENDING: TableDefinition<'_, (&str, u64, u128), ()> =
-        TableDefinition::new("pending_v1");
     /// (route, id): every job.
     pub const BY_ROUTE: TableDefinition<'_, (&str, u128), ()> = TableDefinition::new("by_route_v1");
 }
