@@ -42,6 +42,13 @@ fn outcome(status: u16, at: u64) -> LastOutcome {
     }
 }
 
+/// A job accepted without a client key: the proxy makes its id the key.
+fn generated(route: &str, body: &str, at: u64) -> NewJob {
+    let mut j = job(route, "", body, at);
+    j.idempotency_key = j.id.to_string();
+    j
+}
+
 async fn stored(s: &dyn JobStore, j: NewJob) -> JobId {
     match s.enqueue(j, WINDOW, DEEP).await.unwrap() {
         EnqueueOutcome::Stored(id) => id.into_inner(),
@@ -218,8 +225,7 @@ pub(crate) async fn dedupe_and_key_conflict(s: &dyn JobStore) {
 /// A job accepted without a client key has its own id as key (what the proxy does); a
 /// client that sends that key back later is answered like any other repeat.
 pub(crate) async fn generated_key_dedupes_like_a_client_key(s: &dyn JobStore) {
-    let mut first = job("r", "", "body", 100);
-    first.idempotency_key = first.id.to_string();
+    let first = generated("r", "body", 100);
     let key = first.idempotency_key.clone();
     let id = stored(s, first).await;
     let at = |k: &str, body: &str, t: u64| job("r", k, body, t);
@@ -257,8 +263,7 @@ pub(crate) async fn generated_key_dedupes_like_a_client_key(s: &dyn JobStore) {
         EnqueueOutcome::Duplicate(d) if *d.get() == later
     ));
     // Dead: held, and deleting the job frees the key.
-    let mut dead = job("r", "", "x", 3);
-    dead.idempotency_key = dead.id.to_string();
+    let dead = generated("r", "x", 3);
     let dead_key = dead.idempotency_key.clone();
     let dead_id = stored(s, dead).await;
     s.dead_letter(dead_id, "gone".into(), None).await.unwrap();
@@ -988,12 +993,10 @@ async fn a_schema_1_file_is_migrated_on_open_with_every_job_in_its_place() {
 async fn a_generated_key_writes_no_key_row_and_keeps_its_window_with_the_job() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.redb");
-    let (generated, client);
+    let (with_generated_key, client);
     {
         let s = RedbStore::open(&path, 1 << 20).unwrap();
-        let mut j = job("r", "", "g", 100);
-        j.idempotency_key = j.id.to_string();
-        generated = stored(&s, j).await;
+        with_generated_key = stored(&s, generated("r", "g", 100)).await;
         client = stored(&s, job("r", "client-key", "c", 100)).await;
     }
     let db = ::redb::Database::create(&path).unwrap();
@@ -1014,7 +1017,7 @@ async fn a_generated_key_writes_no_key_row_and_keeps_its_window_with_the_job() {
             .unwrap()
             .map(|v| v.value())
     };
-    assert_eq!(window(generated), Some(WINDOW));
+    assert_eq!(window(with_generated_key), Some(WINDOW));
     assert_eq!(window(client), Some(0));
 }
 

@@ -324,10 +324,9 @@ pub(super) fn put_job(t: &mut Tables<'_>, old: Option<&Job>, new: Option<&Job>) 
     put_job_with(t, old, new, 0)
 }
 
-/// Stores a new job; `window_ms` is its dedupe window when its key was generated (kept as
-/// its [`BY_ROUTE`] value).
+/// Stores a new job with `window_ms` as its [`BY_ROUTE`] value: its dedupe window when its
+/// key was generated, else 0.
 pub(super) fn insert_job(t: &mut Tables<'_>, job: &Job, window_ms: u64) -> TxResult<()> {
-    let window_ms = if job.key_is_generated() { window_ms } else { 0 };
     put_job_with(t, None, Some(job), window_ms)
 }
 
@@ -448,7 +447,7 @@ pub(super) fn enqueue(
             encode_idem(&rec).as_slice(),
         )?;
     }
-    insert_job(t, &job, dedupe_window_ms)?;
+    insert_job(t, &job, if generated { dedupe_window_ms } else { 0 })?;
     Ok(EnqueueStep::Stored(job.id))
 }
 

@@ -662,9 +662,14 @@ fn write_fresh(
                 // A generated key has no row of its own; its window is kept with the job.
                 // Delivered, it is purged at once, like a job whose key row is rebuilt.
                 let delivered = j.state == JobState::Delivered;
-                let window = if delivered { 0 } else { REBUILT_KEY_WINDOW_MS };
+                let generated = j.key_is_generated();
+                let window = if generated && !delivered {
+                    REBUILT_KEY_WINDOW_MS
+                } else {
+                    0
+                };
                 ops::insert_job(t, j, window)?;
-                if delivered && j.key_is_generated() {
+                if delivered && generated {
                     t.expiry.insert((j.updated_at_ms, j.id.as_u128()), ())?;
                 }
             }

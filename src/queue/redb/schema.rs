@@ -39,14 +39,7 @@ pub const PENDING: TableDefinition<'_, (&str, u64, u128), ()> = TableDefinition:
 /// window is in its [`IDEM`] row): every job.
 pub const BY_ROUTE: TableDefinition<'_, (&str, u128), u64> = TableDefinition::new("by_route_v2");
 
-/// Schema 1's tables that schema 2 replaced; read once by the migration, then deleted.
-pub mod v1 {
-    use redb::TableDefinition;
-
-    /// (route, id): every job.
-    pub const BY_ROUTE: TableDefinition<'_, (&str, u128), ()> = TableDefinition::new("by_route_v1");
-}
-
+/// (route, ordering_key, id): pending jobs that carry an ordering key.
 pub const ORDER: TableDefinition<'_, (&str, &str, u128), ()> = TableDefinition::new("order_v1");
 /// (expires_at_ms, id): delivered jobs.
 pub const EXPIRY: TableDefinition<'_, (u64, u128), ()> = TableDefinition::new("expiry_v1");
@@ -58,6 +51,14 @@ pub const COUNTERS: TableDefinition<'_, (&str, &str), u64> = TableDefinition::ne
 pub const ROUTES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("routes_v1");
 /// (route, index) -> (window_start_ms, count).
 pub const QUOTAS: TableDefinition<'_, (&str, u64), (u64, u64)> = TableDefinition::new("quotas_v1");
+
+/// Schema 1's tables that schema 2 replaced; read once by the migration, then deleted.
+pub mod v1 {
+    use redb::TableDefinition;
+
+    /// (route, id): every job.
+    pub const BY_ROUTE: TableDefinition<'_, (&str, u128), ()> = TableDefinition::new("by_route_v1");
+}
 
 const RECORD_V1: u8 = 1;
 /// A job record whose client and upstream contents are sealed (encryption at rest).
