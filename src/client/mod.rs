@@ -1,7 +1,10 @@
-//! The outbound HTTP client (hyper-util pool + rustls with the ring provider), shared by
-//! passthrough routes and, later, delivery. Errors are classified when they are made.
+//! The outbound HTTP client, shared by passthrough routes, delivery and the CLI: plain
+//! HTTP/1 upstreams go through our own pool ([`h1`]), everything else (TLS, HTTP/2,
+//! destinations the egress guard checks) through hyper-util's client with rustls and the
+//! ring provider. Errors are classified when they are made.
 
-use std::error::Error as _;
+mod h1;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,15 +30,22 @@ pub struct SendError {
     pub denied: Option<Denied>,
 }
 
+/// Cheap to clone (one reference count): stacks clone it per request.
 #[derive(Clone)]
-pub struct HttpClient {
+pub struct HttpClient(Arc<Shared>);
+
+struct Shared {
     inner: Inner,
-    /// Kept so a guarded client can be made without building TLS again; shared, because
-    /// the client is cloned per request and a `ClientConfig` clone is deep.
+    /// Plain-HTTP/1 requests of an open client; `None` for a guarded one, whose every
+    /// address must pass the guard's connector.
+    h1: Option<Arc<h1::H1Pool>>,
+    /// Kept so a guarded client can be made without building TLS again.
     tls: Arc<rustls::ClientConfig>,
 }
 
-#[derive(Clone)]
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_IDLE_PER_HOST: usize = 64;
+
 enum Inner {
     /// For routes' own upstreams, used as the operator wrote them.
     Open(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
@@ -63,8 +73,8 @@ where
         .wrap_connector(connector);
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(64)
+        .pool_idle_timeout(IDLE_TIMEOUT)
+        .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
         .timer(TokioTimer::new())
         .build(https)
 }
@@ -80,10 +90,12 @@ impl HttpClient {
             .with_webpki_roots()
             .with_no_client_auth();
         let inner = Inner::Open(pooled(tls.clone(), tcp(HttpConnector::new())));
-        Ok(HttpClient {
+        let h1 = h1::H1Pool::new(tcp(HttpConnector::new()), MAX_IDLE_PER_HOST, IDLE_TIMEOUT);
+        Ok(HttpClient(Arc::new(Shared {
             inner,
+            h1: Some(Arc::new(h1)),
             tls: Arc::new(tls),
-        })
+        })))
     }
 
     /// A client with its own pool whose every connection goes through `guard`: names
@@ -95,19 +107,23 @@ impl HttpClient {
             guard.clone(),
         )));
         let inner = Inner::Guarded(pooled(
-            (*self.tls).clone(),
+            (*self.0.tls).clone(),
             GuardedConnector::new(http, guard),
         ));
-        HttpClient {
+        HttpClient(Arc::new(Shared {
             inner,
-            tls: self.tls.clone(),
-        }
+            h1: None,
+            tls: self.0.tls.clone(),
+        }))
     }
 
     /// Sends one request whose URI is absolute; the response body streams.
     pub async fn send(&self, req: Request<Bytes>) -> Result<Response<Body>, SendError> {
+        if let Some(h1) = self.0.h1.as_ref().filter(|_| h1::H1Pool::carries(&req)) {
+            return h1.send(req).await;
+        }
         let req = req.map(Full::new);
-        let result = match &self.inner {
+        let result = match &self.0.inner {
             Inner::Open(c) => c.request(req).await,
             Inner::Guarded(c) => c.request(req).await,
         };
@@ -118,7 +134,8 @@ impl HttpClient {
     }
 }
 
-fn classify(e: &hyper_util::client::legacy::Error) -> SendError {
+/// An error and its sources, joined by ": ".
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -126,6 +143,11 @@ fn classify(e: &hyper_util::client::legacy::Error) -> SendError {
         message.push_str(&s.to_string());
         source = s.source();
     }
+    message
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> SendError {
+    let message = describe(e);
     // A connect error means no byte of the request left this process.
     let class = if e.is_connect() {
         FailureClass::ConnectFailure
