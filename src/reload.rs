@@ -176,8 +176,12 @@ impl Runtime {
             }
         }
         let deferrer = deferrer(&store, &admin_base, &running);
-        let proxy =
-            Arc::new(Proxy::new(&config, client.clone(), deferrer).with_metrics(metrics.clone()));
+        let proxy = Arc::new(Proxy::new(
+            &config,
+            client.clone(),
+            deferrer,
+            metrics.clone(),
+        ));
         let runtime = Arc::new(Runtime {
             config: ArcSwap::from_pointee(config),
             proxy,

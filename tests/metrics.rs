@@ -436,6 +436,45 @@ async fn passthrough_status_codes_retries_refusals_and_circuit_state_are_counted
 }
 
 #[tokio::test]
+async fn unmatched_passthrough_is_counted_under_its_own_label() {
+    let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
+    let sw = Spillway::start(&format!(
+        "listen: 127.0.0.1:0
+admin: {{ listen: 127.0.0.1:0 }}
+unmatched: passthrough
+egress: {{ allow: [127.0.0.0/8] }}
+routes:
+  - name: other
+    match: {{ host: other.test }}
+    upstream: http://{}
+",
+        up.addr
+    ));
+    let uri = format!("http://{}/v1/x", up.addr);
+    assert_eq!(
+        send(sw.proxy, get(&uri, &up.addr.to_string())).await.status,
+        200
+    );
+    let text = scrape(&sw).await;
+    let unmatched = ("route", "(unmatched)");
+    expect(
+        &text,
+        &[
+            (
+                "spillway_requests_total",
+                &[unmatched, ("mode", "passthrough"), ("code", "2xx")],
+                1.0,
+            ),
+            (
+                "spillway_upstream_requests_total",
+                &[unmatched, ("mode", "passthrough"), ("outcome", "200")],
+                1.0,
+            ),
+        ],
+    );
+}
+
+#[tokio::test]
 async fn a_rejected_reload_counts_an_error_and_a_good_one_moves_the_timestamp() {
     let up = FlakyUpstream::start(|_, _| Action::status(200)).await;
     let sw = Spillway::start(&passthrough_config(up.addr));

@@ -164,12 +164,10 @@ impl H1Pool {
             .map_err(|e| connect_failure(e.to_string()))?;
         // The connector resolves the name, tries each address (happy eyeballs), and
         // bounds the connect; its errors read like the general client's.
-        let io = self
-            .connector
-            .clone()
-            .oneshot(uri)
-            .await
-            .map_err(|e| connect_failure(format!("client error (Connect): {}", describe(&e))))?;
+        let io =
+            self.connector.clone().oneshot(uri).await.map_err(|e| {
+                connect_failure(format!("client error (Connect): {}", describe(&e)))
+            })?;
         let (tx, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -237,7 +235,11 @@ impl H1Pool {
 
     #[cfg(test)]
     fn idle_all_closed(&self) -> bool {
-        self.idle.lock().values().flatten().all(|i| i.tx.is_closed())
+        self.idle
+            .lock()
+            .values()
+            .flatten()
+            .all(|i| i.tx.is_closed())
     }
 }
 
@@ -323,7 +325,10 @@ mod tests {
 
     /// An upstream that answers every request on a connection with `answer`, counting
     /// connections, and closes after `per_conn` answers.
-    async fn upstream(answer: &'static str, per_conn: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    async fn upstream(
+        answer: &'static str,
+        per_conn: usize,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
@@ -336,7 +341,9 @@ mod tests {
                     let mut seen = Vec::new();
                     let mut served = 0;
                     while served < per_conn {
-                        let Ok(n) = s.read(&mut buf).await else { return };
+                        let Ok(n) = s.read(&mut buf).await else {
+                            return;
+                        };
                         if n == 0 {
                             return;
                         }
@@ -416,7 +423,11 @@ mod tests {
         rsp.into_body().collect().await.unwrap();
         let head = got.await.unwrap();
         assert!(head.starts_with("GET /x/y?z=1 HTTP/1.1\r\n"), "{head}");
-        assert!(head.to_ascii_lowercase().contains(&format!("host: {addr}\r\n")), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("host: {addr}\r\n")),
+            "{head}"
+        );
     }
 
     #[tokio::test]
@@ -424,7 +435,10 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let e = pool(Duration::from_secs(30)).send(get(addr, "/")).await.unwrap_err();
+        let e = pool(Duration::from_secs(30))
+            .send(get(addr, "/"))
+            .await
+            .unwrap_err();
         assert_eq!(e.class, FailureClass::ConnectFailure);
         assert!(e.message.contains("Connection refused"), "{}", e.message);
     }
@@ -440,7 +454,11 @@ mod tests {
         while p.idle_count() > 0 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(p.idle_count(), 0, "the reaper closes what no request came for");
+        assert_eq!(
+            p.idle_count(),
+            0,
+            "the reaper closes what no request came for"
+        );
         let rsp = p.send(get(addr, "/")).await.unwrap();
         rsp.into_body().collect().await.unwrap();
         assert_eq!(conns.load(Ordering::SeqCst), 2);

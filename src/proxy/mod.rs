@@ -27,9 +27,9 @@ use tracing::Instrument;
 
 use crate::client::HttpClient;
 use crate::config::{Config, RouteConfig, Unmatched};
-use crate::metrics::{Metrics, Mode};
+use crate::metrics::{Metrics, Mode, UNMATCHED};
 pub use passthrough::CircuitState;
-use passthrough::{Attempts, BoxHttp, Circuits, Observe};
+use passthrough::{Attempts, BoxHttp, Circuits};
 use rescue::ProxyError;
 use route::RouteTable;
 use target::{Target, TargetError};
@@ -73,6 +73,7 @@ impl Table {
         client: &HttpClient,
         deferrer: Option<Arc<defer::Deferrer>>,
         circuits: &Circuits,
+        metrics: &Arc<Metrics>,
         keep: impl Fn(&str) -> Option<Handler>,
     ) -> Table {
         let routes = config
@@ -87,6 +88,7 @@ impl Table {
                             r,
                             client.clone(),
                             circuits,
+                            metrics,
                         ))
                     })
                 };
@@ -97,7 +99,7 @@ impl Table {
         let egress = Arc::new(config.egress.clone());
         let unmatched = (config.unmatched == Unmatched::Passthrough).then(|| {
             let guarded = client.guarded(egress::Guard::new(egress.clone(), false));
-            passthrough::mk_unmatched(Duration::from_secs(30), guarded)
+            passthrough::mk_unmatched(Duration::from_secs(30), guarded, metrics)
         });
         Table {
             routes: RouteTable::new(routes),
@@ -110,27 +112,23 @@ impl Table {
 }
 
 impl Proxy {
+    /// `metrics` is the registry the admin listener exports; the routes' stacks report
+    /// into it from when they are built.
     pub fn new(
         config: &Config,
         client: HttpClient,
         deferrer: Option<Arc<defer::Deferrer>>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let circuits = Circuits::default();
-        let table = Table::build(config, &client, deferrer, &circuits, |_| None);
+        let table = Table::build(config, &client, deferrer, &circuits, &metrics, |_| None);
         Proxy {
             table: ArcSwap::from_pointee(table),
             client,
             tunnels: Arc::new(tokio::sync::Semaphore::new(config.limits.max_tunnels)),
             circuits,
-            // Counted but not exported until `with_metrics` shares the exported registry.
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         }
-    }
-
-    /// Reports into `metrics` (the registry the admin listener exports).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
-        self
     }
 
     /// Replaces routes, limits and the unmatched policy for every request that starts
@@ -152,7 +150,14 @@ impl Proxy {
                 .find(|(r, h)| r.name == name && matches!(h, Handler::Passthrough(_)))
                 .map(|(_, h)| h.clone())
         };
-        let table = Table::build(config, &self.client, deferrer, &self.circuits, keep);
+        let table = Table::build(
+            config,
+            &self.client,
+            deferrer,
+            &self.circuits,
+            &self.metrics,
+            keep,
+        );
         // Routes gone, or now deferrable, have no breaker to report.
         self.circuits.retain(|name| {
             table
@@ -293,7 +298,8 @@ impl Proxy {
         if let Some(r) = route {
             route_name.clone_from(&r.name);
         } else {
-            route_name.push_str(crate::metrics::UNMATCHED);
+            // Replaces the "-" an unrouted request is logged with.
+            UNMATCHED.clone_into(route_name);
         }
         *mode = match handler {
             Handler::Passthrough(_) => Mode::Passthrough,
@@ -315,10 +321,6 @@ impl Proxy {
             }
         };
         upstream_req.extensions_mut().insert(attempts.clone());
-        upstream_req.extensions_mut().insert(Observe {
-            metrics: self.metrics.clone(),
-            route: Arc::from(route_name.as_str()),
-        });
 
         let mut svc = svc;
         use tower::{Service, ServiceExt};

@@ -45,8 +45,8 @@ impl Attempts {
     }
 }
 
-/// Where a passthrough request's layers report: the metrics and the route's label. Travels
-/// in the request's extensions, like [`Attempts`].
+/// Where a passthrough route's layers report: the metrics and the route's label. Each
+/// layer holds it from when the stack is built, so no request carries it.
 #[derive(Clone)]
 pub struct Observe {
     pub metrics: Arc<Metrics>,
@@ -55,22 +55,38 @@ pub struct Observe {
 
 /// Builds a passthrough route's stack, innermost first. The route's breaker (if any)
 /// is registered in `circuits` so the admin API and metrics can read its state.
-pub fn mk_passthrough(route: &RouteConfig, client: HttpClient, circuits: &Circuits) -> BoxHttp {
+pub fn mk_passthrough(
+    route: &RouteConfig,
+    client: HttpClient,
+    circuits: &Circuits,
+    metrics: &Arc<Metrics>,
+) -> BoxHttp {
+    let observe = Observe {
+        metrics: metrics.clone(),
+        route: Arc::from(route.name.as_str()),
+    };
     let breaker = route.circuit_breaker.map(BreakerLayer::new);
     circuits.register(&route.name, breaker.as_ref().map(BreakerLayer::handle));
+    let rate_limit = route
+        .rate_limit
+        .map(|r| RateLimitLayer::new(r, observe.clone()));
     Stack::new(Upstream { client })
-        .push(TimeoutLayer(route.timeout)) // per attempt, so inside retry
-        .push(RetryLayer::new(route)) // replays the buffered body; skips unkeyed POSTs
+        .push(TimeoutLayer::new(route.timeout, observe.clone())) // per attempt, so inside retry
+        .push(RetryLayer::new(route, observe)) // replays the buffered body; skips unkeyed POSTs
         .push(option_layer(breaker)) // one outcome per request, after retries
-        .push(option_layer(route.rate_limit.map(RateLimitLayer::new))) // outermost: refuse before any work
+        .push(option_layer(rate_limit)) // outermost: refuse before any work
         .check_service::<Request<Bytes>>()
         .boxed()
 }
 
 /// The stack of unmatched passthrough: no retries (the destination is unknown to us),
 /// only a timeout.
-pub fn mk_unmatched(timeout: Duration, client: HttpClient) -> BoxHttp {
-    BoxCloneSyncService::new(TimeoutLayer(timeout).layer(Upstream { client }))
+pub fn mk_unmatched(timeout: Duration, client: HttpClient, metrics: &Arc<Metrics>) -> BoxHttp {
+    let observe = Observe {
+        metrics: metrics.clone(),
+        route: Arc::from(crate::metrics::UNMATCHED),
+    };
+    BoxCloneSyncService::new(TimeoutLayer::new(timeout, observe).layer(Upstream { client }))
 }
 
 // === impl Upstream ===
@@ -109,15 +125,25 @@ impl Service<Request<Bytes>> for Upstream {
 
 // === impl Timeout ===
 
-#[derive(Clone, Copy)]
-pub struct TimeoutLayer(pub Duration);
+#[derive(Clone)]
+pub struct TimeoutLayer {
+    timeout: Duration,
+    observe: Observe,
+}
+
+impl TimeoutLayer {
+    pub fn new(timeout: Duration, observe: Observe) -> Self {
+        TimeoutLayer { timeout, observe }
+    }
+}
 
 impl<S> Layer<S> for TimeoutLayer {
     type Service = Timeout<S>;
     fn layer(&self, inner: S) -> Timeout<S> {
         Timeout {
             inner,
-            timeout: self.0,
+            timeout: self.timeout,
+            observe: self.observe.clone(),
         }
     }
 }
@@ -127,6 +153,7 @@ impl<S> Layer<S> for TimeoutLayer {
 pub struct Timeout<S> {
     inner: S,
     timeout: Duration,
+    observe: Observe,
 }
 
 impl<S> Service<Request<Bytes>> for Timeout<S>
@@ -147,11 +174,11 @@ where
             .extensions()
             .get::<Attempts>()
             .map_or(1, |a| a.0.fetch_add(1, Ordering::Relaxed) + 1);
-        let observe = req.extensions().get::<Observe>().cloned();
+        let observe = self.observe.clone();
         let span = tracing::info_span!(
             "proxy.attempt",
             otel.kind = "client",
-            route = observe.as_ref().map_or("", |o| &*o.route),
+            route = &*observe.route,
             attempt = i64::from(attempt),
             status = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
@@ -187,9 +214,13 @@ where
                         record.record("otel.status_code", "ERROR");
                     }
                 }
-                if let (Some(o), Some(outcome)) = (&observe, outcome) {
-                    o.metrics
-                        .upstream(&o.route, Mode::Passthrough, outcome, started.elapsed());
+                if let Some(outcome) = outcome {
+                    observe.metrics.upstream(
+                        &observe.route,
+                        Mode::Passthrough,
+                        outcome,
+                        started.elapsed(),
+                    );
                 }
                 result
             }
@@ -277,6 +308,7 @@ pub struct RetryLayer(Arc<RetryShared>);
 
 pub struct RetryShared {
     policy: crate::config::RetryPolicy,
+    observe: Observe,
     idempotency_header: http::HeaderName,
     budget: TpsBudget,
 }
@@ -289,9 +321,10 @@ impl std::ops::Deref for RetryLayer {
 }
 
 impl RetryLayer {
-    pub fn new(route: &RouteConfig) -> Self {
+    pub fn new(route: &RouteConfig, observe: Observe) -> Self {
         RetryLayer(Arc::new(RetryShared {
             policy: route.retry.clone(),
+            observe,
             idempotency_header: route.idempotency.header.clone(),
             // Retries stay under ~20% of requests plus a floor of 10/s over a 10s
             // window, so a failing upstream never sees a retry storm.
@@ -365,22 +398,18 @@ where
                 if !retryable || !safe || attempt >= max {
                     return result;
                 }
-                let observe = req.extensions().get::<Observe>();
+                let o = &layer.observe;
                 if !layer.budget.withdraw() {
-                    if let Some(o) = observe {
-                        o.metrics.retry_budget_exhausted(&o.route);
-                    }
+                    o.metrics.retry_budget_exhausted(&o.route);
                     return result;
                 }
-                if let Some(o) = observe {
-                    let reason = match &result {
-                        Ok(rsp) => UpstreamOutcome::Status(rsp.status().as_u16()).reason(),
-                        Err(e) => e
-                            .failure_class()
-                            .map_or_else(|| e.code().to_owned(), |c| c.as_str().to_owned()),
-                    };
-                    o.metrics.retry(&o.route, Mode::Passthrough, &reason);
-                }
+                let reason = match &result {
+                    Ok(rsp) => UpstreamOutcome::Status(rsp.status().as_u16()).reason(),
+                    Err(e) => e
+                        .failure_class()
+                        .map_or_else(|| e.code().to_owned(), |c| c.as_str().to_owned()),
+                };
+                o.metrics.retry(&o.route, Mode::Passthrough, &reason);
                 let mut delay = backoff::delay(&policy.backoff, attempt);
                 if policy.honor_retry_after {
                     if let Ok(rsp) = &result {
@@ -408,9 +437,6 @@ fn clone_request(req: &Request<Bytes>) -> Request<Bytes> {
     *r.headers_mut() = req.headers().clone();
     if let Some(a) = req.extensions().get::<Attempts>() {
         r.extensions_mut().insert(a.clone());
-    }
-    if let Some(o) = req.extensions().get::<Observe>() {
-        r.extensions_mut().insert(o.clone());
     }
     r
 }
@@ -634,13 +660,15 @@ impl Drop for TrialGuard {
 #[derive(Clone)]
 pub struct RateLimitLayer {
     limiter: Arc<governor::DefaultDirectRateLimiter>,
+    observe: Observe,
 }
 
 impl RateLimitLayer {
-    pub fn new(cfg: RateLimitConfig) -> Self {
+    pub fn new(cfg: RateLimitConfig, observe: Observe) -> Self {
         let quota = Quota::per_second(cfg.per_second).allow_burst(cfg.burst);
         RateLimitLayer {
             limiter: Arc::new(RateLimiter::direct(quota)),
+            observe,
         }
     }
 }
@@ -651,6 +679,7 @@ impl<S> Layer<S> for RateLimitLayer {
         RateLimit {
             inner,
             limiter: self.limiter.clone(),
+            observe: self.observe.clone(),
         }
     }
 }
@@ -661,6 +690,7 @@ impl<S> Layer<S> for RateLimitLayer {
 pub struct RateLimit<S> {
     inner: S,
     limiter: Arc<governor::DefaultDirectRateLimiter>,
+    observe: Observe,
 }
 
 impl<S> Service<Request<Bytes>> for RateLimit<S>
@@ -678,10 +708,9 @@ where
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         if let Err(not_until) = self.limiter.check() {
-            if let Some(o) = req.extensions().get::<Observe>() {
-                o.metrics
-                    .rate_limited(&o.route, Mode::Passthrough, Limit::RateLimit);
-            }
+            let o = &self.observe;
+            o.metrics
+                .rate_limited(&o.route, Mode::Passthrough, Limit::RateLimit);
             let retry_after = not_until.wait_time_from(DefaultClock::default().now());
             return Box::pin(async move { Err(ProxyError::RateLimited { retry_after }) });
         }
@@ -800,7 +829,11 @@ mod tests {
         .routes[0]
             .clone();
         let calls = Arc::new(AtomicUsize::new(0));
-        let mut s = RetryLayer::new(&route).layer(svc(503, calls.clone()));
+        let observe = Observe {
+            metrics: Arc::new(Metrics::new()),
+            route: Arc::from("r"),
+        };
+        let mut s = RetryLayer::new(&route, observe).layer(svc(503, calls.clone()));
         let post = Request::post("/").body(Bytes::new()).unwrap();
         assert_eq!(s.call(post).await.unwrap().status(), 503);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
