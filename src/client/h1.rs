@@ -398,8 +398,8 @@ mod tests {
             let rsp = p.send(get(addr, "/")).await.unwrap();
             rsp.into_body().collect().await.unwrap();
             // The close reaches the pooled connection, as it would between two requests.
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while !p.idle_all_closed() && std::time::Instant::now() < deadline {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !p.idle_all_closed() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             assert!(p.idle_all_closed());
@@ -450,8 +450,8 @@ mod tests {
         let rsp = p.send(get(addr, "/")).await.unwrap();
         rsp.into_body().collect().await.unwrap();
         assert_eq!(p.idle_count(), 1);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while p.idle_count() > 0 && std::time::Instant::now() < deadline {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while p.idle_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(
