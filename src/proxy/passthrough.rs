@@ -231,13 +231,14 @@ where
 
 // === impl IdleTimeoutBody ===
 
-/// A response body that fails when no frame arrives for `idle`. The timer is made only
-/// when a poll finds no frame ready: most small bodies arrive whole and never need one.
+/// A response body that fails when no frame arrives for `idle` after a poll found none
+/// ready. The timer (and the clock) is used only then: most small bodies arrive whole
+/// and never need one.
 pub struct IdleTimeoutBody {
     inner: Body,
     idle: Duration,
-    /// When the last frame (or the body itself) arrived.
-    since: Instant,
+    /// A frame came since the timer was last set, so the wait starts again.
+    progressed: bool,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -246,7 +247,7 @@ impl IdleTimeoutBody {
         IdleTimeoutBody {
             inner,
             idle,
-            since: Instant::now(),
+            progressed: true,
             sleep: None,
         }
     }
@@ -263,22 +264,19 @@ impl http_body::Body for IdleTimeoutBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.since = Instant::now();
+                this.progressed = true;
                 Poll::Ready(frame)
             }
             Poll::Pending => {
-                let deadline = this.since + this.idle;
                 let sleep = match &mut this.sleep {
+                    Some(s) if !this.progressed => s,
                     Some(s) => {
-                        if s.deadline() != deadline {
-                            s.as_mut().reset(deadline);
-                        }
+                        s.as_mut().reset(Instant::now() + this.idle);
                         s
                     }
-                    None => this
-                        .sleep
-                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    None => this.sleep.insert(Box::pin(tokio::time::sleep(this.idle))),
                 };
+                this.progressed = false;
                 match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(format!(
                         "the upstream sent no body bytes for {:?}",
@@ -817,6 +815,45 @@ mod tests {
             ok.call(Request::new(Bytes::new())).await.unwrap().status(),
             200
         );
+    }
+
+    fn frames_then(
+        gaps: &'static [u64],
+        end: bool,
+    ) -> impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, tower::BoxError>> {
+        use futures_util::StreamExt;
+        let frames = futures_util::stream::iter(gaps).then(|&gap| async move {
+            tokio::time::sleep(Duration::from_millis(gap)).await;
+            Ok(http_body::Frame::data(Bytes::from_static(b"x")))
+        });
+        let tail = if end {
+            futures_util::stream::empty().left_stream()
+        } else {
+            futures_util::stream::pending().right_stream()
+        };
+        frames.chain(tail)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_keeps_coming_within_the_idle_timeout_is_whole() {
+        // Each gap is under the 2 s timeout; together they are well over it.
+        let body = http_body_util::StreamBody::new(frames_then(&[1500, 1500, 1500], true));
+        let b = IdleTimeoutBody::new(body.boxed_unsync(), Duration::from_secs(2));
+        let got = b.collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"xxx");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_fails_once_the_idle_timeout_passes() {
+        let body = http_body_util::StreamBody::new(frames_then(&[0], false));
+        let mut b = IdleTimeoutBody::new(body.boxed_unsync(), Duration::from_secs(2));
+        assert!(b.frame().await.unwrap().unwrap().is_data());
+        // The consumer's own pace between polls is not the upstream's silence.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let waited = Instant::now();
+        let e = b.frame().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("no body bytes for 2s"), "{e}");
+        assert_eq!(waited.elapsed().as_secs(), 2);
     }
 
     #[tokio::test]
