@@ -174,6 +174,24 @@ async fn post_is_retried_only_with_an_idempotency_key() {
 }
 
 #[tokio::test]
+async fn an_upstream_that_closes_every_connection_loses_no_request() {
+    // Every answer says `Connection: close`, so the pooled connection is gone by the next
+    // request. POSTs without a key are never retried, so none of them may fail either.
+    let up = FlakyUpstream::start(|_, _| Action::Respond {
+        status: 200,
+        headers: vec![("connection", "close".into())],
+        body: Bytes::from_static(b"ok"),
+    })
+    .await;
+    let sw = Spillway::start(&config(&route("api", "api.test", up.addr, "")));
+    for i in 0..20 {
+        let a = send(sw.proxy, post("/v1/x", "api.test", "x")).await;
+        assert_eq!(a.status, 200, "request {i}: {:?}", a.body);
+    }
+    assert_eq!(up.count(), 20);
+}
+
+#[tokio::test]
 async fn a_hanging_upstream_gives_504() {
     let up = FlakyUpstream::start(|_, _| Action::Delay(Duration::from_secs(30))).await;
     let routes = format!(
