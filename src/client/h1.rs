@@ -105,20 +105,28 @@ impl H1Pool {
                 None => (self.connect(&key).await?, false),
             };
             // A connection handed back as its body ended may still be finishing that
-            // response; closed means it will not take another request.
-            if !tx.is_ready() && tx.ready().await.is_err() {
+            // response; closed means it will not take another request. (A new one takes
+            // its first request at once: hyper buffers it.)
+            if reused && !tx.is_ready() && tx.ready().await.is_err() {
                 continue;
             }
             match tx.try_send_request(req).await {
                 Ok(rsp) => return Ok(self.hand_back_after(rsp, tx, key)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => {
+                Err(mut e) => match (e.take_message(), reused) {
+                    (Some(unsent), true) => req = unsent,
+                    // A new connection that failed: no second connect here, so an
+                    // upstream that accepts and closes at once cannot spin this loop.
+                    (unsent, _) => {
                         return Err(SendError {
-                            class: FailureClass::Reset,
+                            // Nothing of an unsent request left this process.
+                            class: if unsent.is_some() {
+                                FailureClass::ConnectFailure
+                            } else {
+                                FailureClass::Reset
+                            },
                             message: describe(&e.into_error()),
                             denied: None,
-                        })
+                        });
                     }
                 },
             }
@@ -441,6 +449,34 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.class, FailureClass::ConnectFailure);
         assert!(e.message.contains("Connection refused"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_closes_each_new_connection_fails_the_request_once() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        let p = pool(Duration::from_secs(30));
+        let sent = tokio::time::timeout(Duration::from_secs(10), p.send(get(addr, "/"))).await;
+        let e = sent
+            .expect("the pool gave up instead of connecting again and again")
+            .unwrap_err();
+        assert!(
+            matches!(e.class, FailureClass::Reset | FailureClass::ConnectFailure),
+            "{e}"
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connect per request"
+        );
     }
 
     #[tokio::test]
