@@ -126,6 +126,8 @@ type Hook = Box<dyn Fn(&ReloadOutcome) + Send + Sync>;
 struct Running {
     route: Arc<RouteConfig>,
     wake: Arc<Notify>,
+    /// The dispatcher's ear for operators' actions, heard while paused too.
+    control: Arc<Notify>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -252,7 +254,7 @@ impl Runtime {
     /// resume) rather than at its next timer.
     pub async fn wake(&self, route: &str) {
         if let Some(r) = self.dispatchers.lock().await.get(route) {
-            r.wake.notify_one();
+            r.control.notify_one();
         }
     }
 
@@ -531,11 +533,13 @@ fn spawn_dispatcher(
 ) -> Running {
     // A child token: a reload stops one dispatcher, shutdown stops them all.
     let token = stop.child_token();
+    let control = Arc::new(Notify::new());
     let d = Dispatcher::new(
         store.clone(),
         route.clone(),
         client.clone(),
         wake.clone(),
+        control.clone(),
         token.clone(),
         tasks.clone(),
     )
@@ -543,6 +547,7 @@ fn spawn_dispatcher(
     Running {
         route: route.clone(),
         wake,
+        control,
         stop: token,
         task: tasks.spawn(d.run()),
     }

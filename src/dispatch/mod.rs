@@ -30,11 +30,22 @@ const RECORD_TRIES: u32 = 600;
 /// The longest the loop sleeps without looking (paused routes, clock jumps).
 const MAX_IDLE: Duration = Duration::from_secs(5);
 
+/// What the loop does after a look at the queue.
+enum Next {
+    Again,
+    Wait(Duration),
+    /// The route is paused: new jobs do not matter until a resume.
+    Paused,
+}
+
 pub struct Dispatcher {
     store: Arc<dyn JobStore>,
     route: Arc<RouteConfig>,
     client: HttpClient,
+    /// New jobs, and finished attempts.
     wake: Arc<Notify>,
+    /// An operator's resume, retry or replay: also heard while the route is paused.
+    control: Arc<Notify>,
     stop: CancellationToken,
     limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
     slots: Arc<Semaphore>,
@@ -48,6 +59,7 @@ impl Dispatcher {
         route: Arc<RouteConfig>,
         client: HttpClient,
         wake: Arc<Notify>,
+        control: Arc<Notify>,
         stop: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
@@ -62,6 +74,7 @@ impl Dispatcher {
             route,
             client,
             wake,
+            control,
             stop,
             limiter,
             slots,
@@ -81,51 +94,61 @@ impl Dispatcher {
         let name = self.route.name.clone();
         tracing::info!(route = %name, "dispatcher started");
         while !self.stop.is_cancelled() {
-            let wait = match self.deliver_due().await {
-                Ok(wait) => wait,
+            let next = match self.deliver_due().await {
+                Ok(next) => next,
                 Err(e) => {
                     tracing::warn!(route = %name, error = %e, "delivery paused by a storage error");
-                    Some(STORE_RETRY)
+                    Next::Wait(STORE_RETRY)
                 }
             };
-            let Some(wait) = wait else { continue };
-            tokio::select! {
-                _ = tokio::time::sleep(wait.min(MAX_IDLE)) => {}
-                _ = self.wake.notified() => {}
-                _ = self.stop.cancelled() => {}
+            match next {
+                Next::Again => {}
+                Next::Wait(wait) => tokio::select! {
+                    _ = tokio::time::sleep(wait.min(MAX_IDLE)) => {}
+                    _ = self.wake.notified() => {}
+                    _ = self.control.notified() => {}
+                    _ = self.stop.cancelled() => {}
+                },
+                // Each accept wakes `wake`; a paused route would otherwise read its
+                // control record once per commit for nothing. The timer still looks now
+                // and then, for a pause lifted without a wake-up.
+                Next::Paused => tokio::select! {
+                    _ = tokio::time::sleep(MAX_IDLE) => {}
+                    _ = self.control.notified() => {}
+                    _ = self.stop.cancelled() => {}
+                },
             }
         }
         tracing::info!(route = %name, "dispatcher stopped");
     }
 
-    /// Starts what is due; returns how long to wait before looking again, or `None` to
-    /// look again at once.
-    async fn deliver_due(&self) -> Result<Option<Duration>, crate::queue::StoreError> {
+    /// Starts what is due; says when to look again.
+    async fn deliver_due(&self) -> Result<Next, crate::queue::StoreError> {
         let now = now_ms();
         let (paused, until) = self.store.route_control(&self.route.name).await?;
         if paused {
-            return Ok(Some(MAX_IDLE));
+            return Ok(Next::Paused);
         }
         if let Some(until) = until.filter(|u| *u > now) {
-            return Ok(Some(Duration::from_millis(until - now)));
+            return Ok(Next::Wait(Duration::from_millis(until - now)));
         }
         match self.store.next_due(&self.route.name).await? {
-            None => return Ok(Some(MAX_IDLE)),
-            Some(due) if due > now => return Ok(Some(Duration::from_millis(due - now))),
+            None => return Ok(Next::Wait(MAX_IDLE)),
+            Some(due) if due > now => return Ok(Next::Wait(Duration::from_millis(due - now))),
             Some(_) => {}
         }
         // Wait for a free slot rather than leasing work we cannot start.
         let first = tokio::select! {
-            p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Ok(None) },
-            _ = self.stop.cancelled() => return Ok(None),
+            p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Ok(Next::Again) },
+            _ = self.stop.cancelled() => return Ok(Next::Again),
         };
         let mut want = 1 + self.slots.available_permits();
         if let Some(wait) = self.take_quota(&mut want, now).await? {
-            return Ok(Some(wait));
+            return Ok(Next::Wait(wait));
         }
         let jobs = self.store.lease_due(&self.route.name, now, want).await?;
         if jobs.is_empty() {
-            return Ok(Some(Duration::from_millis(50)));
+            return Ok(Next::Wait(Duration::from_millis(50)));
         }
         let mut first = Some(first);
         for job in jobs {
@@ -166,7 +189,7 @@ impl Dispatcher {
                 .instrument(span),
             );
         }
-        Ok(None)
+        Ok(Next::Again)
     }
 
     /// Takes one unit of every quota, and limits the lease to that one job: a unit is
