@@ -46,7 +46,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::client::HttpClient;
 use crate::config::{Config, ConfigError, ConfigErrors, RouteConfig};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Wakes};
 use crate::metrics::Metrics;
 use crate::proxy::defer::Deferrer;
 use crate::proxy::Proxy;
@@ -538,12 +538,14 @@ fn spawn_dispatcher(
         store.clone(),
         route.clone(),
         client.clone(),
-        wake.clone(),
-        control.clone(),
+        Wakes {
+            jobs: wake.clone(),
+            control: control.clone(),
+        },
         token.clone(),
         tasks.clone(),
-    )
-    .with_metrics(metrics.clone());
+        metrics.clone(),
+    );
     Running {
         route: route.clone(),
         wake,

@@ -38,13 +38,20 @@ enum Next {
     Paused,
 }
 
+/// What wakes a dispatcher before its timer.
+pub struct Wakes {
+    /// New jobs, and finished attempts.
+    pub jobs: Arc<Notify>,
+    /// An operator's resume, retry or replay: also heard while the route is paused.
+    pub control: Arc<Notify>,
+}
+
 pub struct Dispatcher {
     store: Arc<dyn JobStore>,
     route: Arc<RouteConfig>,
     client: HttpClient,
-    /// New jobs, and finished attempts.
+    /// [`Wakes::jobs`] and [`Wakes::control`].
     wake: Arc<Notify>,
-    /// An operator's resume, retry or replay: also heard while the route is paused.
     control: Arc<Notify>,
     stop: CancellationToken,
     limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
@@ -58,10 +65,10 @@ impl Dispatcher {
         store: Arc<dyn JobStore>,
         route: Arc<RouteConfig>,
         client: HttpClient,
-        wake: Arc<Notify>,
-        control: Arc<Notify>,
+        wakes: Wakes,
         stop: CancellationToken,
         tasks: TaskTracker,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let limiter = route.rate_limit.map(|r| {
             Arc::new(RateLimiter::direct(
@@ -73,21 +80,14 @@ impl Dispatcher {
             store,
             route,
             client,
-            wake,
-            control,
+            wake: wakes.jobs,
+            control: wakes.control,
             stop,
             limiter,
             slots,
             tasks,
-            // Counted but not exported until `with_metrics` shares the exported registry.
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         }
-    }
-
-    /// Reports into `metrics` (the registry the admin listener exports).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
-        self
     }
 
     pub async fn run(self) {
