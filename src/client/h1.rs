@@ -66,15 +66,10 @@ impl Link {
         !self.done
     }
 
-    /// Whether it is known to take no more requests (without polling it).
-    fn closed(&self) -> bool {
-        self.done || self.tx.is_closed()
-    }
-
     /// For a connection nobody waits on: whether it is still open. Its socket is left
     /// registered with a waker that does nothing; the next user's poll registers its own.
     fn probe(&mut self) -> bool {
-        self.drive(&mut Context::from_waker(Waker::noop())) && !self.closed()
+        self.drive(&mut Context::from_waker(Waker::noop())) && !self.tx.is_closed()
     }
 }
 
@@ -190,7 +185,7 @@ impl H1Pool {
         let mut idle = self.idle.lock();
         let list = idle.get_mut(key)?;
         while let Some(i) = list.pop() {
-            if !i.link.closed() && i.since.elapsed() < self.idle_timeout {
+            if !i.link.done && !i.link.tx.is_closed() && i.since.elapsed() < self.idle_timeout {
                 return Some(i.link);
             }
         }
@@ -198,7 +193,7 @@ impl H1Pool {
     }
 
     fn put(&self, key: Key, link: Box<Link>) {
-        if link.closed() {
+        if link.done || link.tx.is_closed() {
             return;
         }
         let since = Instant::now();
