@@ -7,19 +7,12 @@
 //! A connection goes back to the pool when its response body has been read to the end; a
 //! body dropped before that takes the connection with it (hyper closes it), so a half-read
 //! response is never followed by another request on the same connection.
-//!
-//! No task of its own drives a connection: the request's task polls it while it waits for
-//! the response and while it reads the body. A request then costs no wake-up of another task
-//! (and often of another thread) to write it, and none back to hand the response over. An
-//! idle connection is polled by nobody, so an upstream's close is noticed when the
-//! connection is next checked out (it is polled first) or by the reaper's sweep.
 
 use std::collections::HashMap;
-use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,11 +21,9 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -43,36 +34,6 @@ use crate::proxy::Body;
 type Sender = SendRequest<Full<Bytes>>;
 type Key = Authority;
 
-/// One upstream connection: the handle requests are sent through, and the connection
-/// future that does the reading and writing, polled by whichever task is using it.
-struct Link {
-    tx: Sender,
-    conn: Connection<TokioIo<TcpStream>, Full<Bytes>>,
-    /// The connection future has returned: it is closed and must not be polled again.
-    done: bool,
-}
-
-impl Link {
-    /// Lets the connection read and write what it can; `false` once it is closed.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.done {
-            if let Poll::Ready(r) = Pin::new(&mut self.conn).poll(cx) {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-                self.done = true;
-            }
-        }
-        !self.done
-    }
-
-    /// For a connection nobody waits on: whether it is still open. Its socket is left
-    /// registered with a waker that does nothing; the next user's poll registers its own.
-    fn probe(&mut self) -> bool {
-        self.drive(&mut Context::from_waker(Waker::noop())) && !self.tx.is_closed()
-    }
-}
-
 pub(super) struct H1Pool {
     connector: HttpConnector,
     idle: Mutex<HashMap<Key, Vec<Idle>, foldhash::fast::RandomState>>,
@@ -82,7 +43,7 @@ pub(super) struct H1Pool {
 }
 
 struct Idle {
-    link: Box<Link>,
+    tx: Sender,
     since: Instant,
 }
 
@@ -139,26 +100,18 @@ impl H1Pool {
         );
         let mut req = Request::from_parts(parts, Full::new(body));
         loop {
-            let (mut link, reused) = match self.checkout(&key) {
-                Some(link) => (link, true),
+            let (mut tx, reused) = match self.checkout(&key) {
+                Some(tx) => (tx, true),
                 None => (self.connect(&key).await?, false),
             };
-            // A pooled connection was last polled when its body ended: let it notice a close
-            // and settle into waiting for a request. (A new one takes its first request at
-            // once: hyper buffers it.)
-            if reused && !ready(&mut link).await {
+            // A connection handed back as its body ended may still be finishing that
+            // response; closed means it will not take another request. (A new one takes
+            // its first request at once: hyper buffers it.)
+            if reused && !tx.is_ready() && tx.ready().await.is_err() {
                 continue;
             }
-            let sent = {
-                let mut rsp = pin!(link.tx.try_send_request(req));
-                poll_fn(|cx| {
-                    link.drive(cx);
-                    rsp.as_mut().poll(cx)
-                })
-                .await
-            };
-            match sent {
-                Ok(rsp) => return Ok(self.hand_back_after(rsp, link, key)),
+            match tx.try_send_request(req).await {
+                Ok(rsp) => return Ok(self.hand_back_after(rsp, tx, key)),
                 Err(mut e) => match (e.take_message(), reused) {
                     (Some(unsent), true) => req = unsent,
                     // A new connection that failed: no second connect here, so an
@@ -181,19 +134,19 @@ impl H1Pool {
     }
 
     /// The most recently used live connection to `key`.
-    fn checkout(&self, key: &Key) -> Option<Box<Link>> {
+    fn checkout(&self, key: &Key) -> Option<Sender> {
         let mut idle = self.idle.lock();
         let list = idle.get_mut(key)?;
         while let Some(i) = list.pop() {
-            if !i.link.done && !i.link.tx.is_closed() && i.since.elapsed() < self.idle_timeout {
-                return Some(i.link);
+            if !i.tx.is_closed() && i.since.elapsed() < self.idle_timeout {
+                return Some(i.tx);
             }
         }
         None
     }
 
-    fn put(&self, key: Key, link: Box<Link>) {
-        if link.done || link.tx.is_closed() {
+    fn put(&self, key: Key, tx: Sender) {
+        if tx.is_closed() {
             return;
         }
         let since = Instant::now();
@@ -201,11 +154,11 @@ impl H1Pool {
         let list = idle.entry(key).or_default();
         // Past the cap the connection is dropped, which closes it.
         if list.len() < self.max_idle_per_host {
-            list.push(Idle { link, since });
+            list.push(Idle { tx, since });
         }
     }
 
-    async fn connect(self: &Arc<Self>, key: &Key) -> Result<Box<Link>, SendError> {
+    async fn connect(self: &Arc<Self>, key: &Key) -> Result<Sender, SendError> {
         let connect_failure = |message: String| SendError {
             class: FailureClass::ConnectFailure,
             message,
@@ -227,25 +180,26 @@ impl H1Pool {
             .handshake(io)
             .await
             .map_err(|e| connect_failure(describe(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
         self.start_reaper();
-        Ok(Box::new(Link {
-            tx,
-            conn,
-            done: false,
-        }))
+        Ok(tx)
     }
 
     fn hand_back_after(
         self: &Arc<Self>,
         rsp: Response<Incoming>,
-        link: Box<Link>,
+        tx: Sender,
         key: Key,
     ) -> Response<Body> {
         let (parts, inner) = rsp.into_parts();
         let mut body = PooledBody {
             inner,
             back: Some(HandBack {
-                link,
+                tx,
                 key,
                 pool: Arc::downgrade(self),
             }),
@@ -262,8 +216,7 @@ impl H1Pool {
             return;
         }
         let pool = Arc::downgrade(self);
-        let every =
-            (self.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let every = (self.idle_timeout / 2).max(Duration::from_millis(100));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -275,12 +228,10 @@ impl H1Pool {
         });
     }
 
-    /// Closes what timed out, and what the upstream closed (polling each idle connection
-    /// once, so its socket is not left half-closed until the timeout).
     fn sweep(&self) {
         let mut idle = self.idle.lock();
         idle.retain(|_, list| {
-            list.retain_mut(|i| i.since.elapsed() < self.idle_timeout && i.link.probe());
+            list.retain(|i| !i.tx.is_closed() && i.since.elapsed() < self.idle_timeout);
             !list.is_empty()
         });
     }
@@ -290,28 +241,14 @@ impl H1Pool {
         self.idle.lock().values().map(Vec::len).sum()
     }
 
-    /// Whether every idle connection has seen its upstream close (each is polled once).
     #[cfg(test)]
     fn idle_all_closed(&self) -> bool {
         self.idle
             .lock()
-            .values_mut()
+            .values()
             .flatten()
-            .all(|i| !i.link.probe())
+            .all(|i| i.tx.is_closed())
     }
-}
-
-/// Drives a pooled connection until it wants a request (`true`) or turns out closed.
-async fn ready(link: &mut Link) -> bool {
-    poll_fn(|cx| {
-        let open = link.drive(cx);
-        match link.tx.poll_ready(cx) {
-            Poll::Ready(r) => Poll::Ready(r.is_ok()),
-            Poll::Pending if open => Poll::Pending,
-            Poll::Pending => Poll::Ready(false),
-        }
-    })
-    .await
 }
 
 /// `Host` as a client would write it: the port only when it is not 80.
@@ -323,7 +260,7 @@ fn host_header(key: &Authority) -> &str {
 }
 
 struct HandBack {
-    link: Box<Link>,
+    tx: Sender,
     key: Key,
     /// Weak, so a response body kept by a caller does not keep a replaced pool alive.
     pool: Weak<H1Pool>,
@@ -339,7 +276,7 @@ impl PooledBody {
     fn hand_back(&mut self) {
         if let Some(b) = self.back.take() {
             if let Some(pool) = b.pool.upgrade() {
-                pool.put(b.key, b.link);
+                pool.put(b.key, b.tx);
             }
         }
     }
@@ -353,16 +290,7 @@ impl http_body::Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tower::BoxError>>> {
-        let this = &mut *self;
-        let mut frame = Pin::new(&mut this.inner).poll_frame(cx);
-        // Nothing buffered: let the connection read more, then look again.
-        if frame.is_pending() {
-            if let Some(b) = this.back.as_mut() {
-                b.link.drive(cx);
-                frame = Pin::new(&mut this.inner).poll_frame(cx);
-            }
-        }
-        let frame = ready!(frame);
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match &frame {
             None => self.hand_back(),
             Some(Ok(_)) if self.inner.is_end_stream() => self.hand_back(),
