@@ -1234,17 +1234,15 @@ fn flaky_opener(
     let flag = fail;
     let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stall2 = stall.clone();
-    let opener: redb::Opener = Arc::new(move |path, cache, sync| {
+    let opener: redb::Opener = Arc::new(move |path, cache| {
         let file = redb::open_file(path)?;
-        let flaky = FlakyBackend {
-            inner: ::redb::backends::FileBackend::new(file)?,
-            fail: flag.clone(),
-            stall: stall.clone(),
-        };
-        // Through the same pipelining as the real file, so its failures are exercised too.
         ::redb::Builder::new()
             .set_cache_size(cache)
-            .create_with_backend(redb::DeferSync::new(flaky, sync))
+            .create_with_backend(FlakyBackend {
+                inner: ::redb::backends::FileBackend::new(file)?,
+                fail: flag.clone(),
+                stall: stall.clone(),
+            })
     });
     (opener, stall2)
 }

@@ -25,7 +25,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::ops::{Tables, TxError};
-use super::pipeline::{DeferSync, SyncPoint};
 use crate::queue::crypt::Sealer;
 use crate::queue::StoreError;
 
@@ -49,8 +48,6 @@ pub(super) struct Shared {
     pub sealer: Option<Arc<Sealer>>,
     /// Full mode (see the module docs): enqueues are refused until the reserve fits again.
     pub full: AtomicBool,
-    /// The syncs owed by commits that returned (see `pipeline.rs`).
-    pub sync: Arc<SyncPoint>,
 }
 
 /// The reserve file beside the database: `<file>.reserve`.
@@ -88,20 +85,16 @@ pub(super) fn ensure_reserve(db: &Path, probe: u64) -> std::io::Result<()> {
     })
 }
 
-/// How the read-write database is opened (at start and on every reopen). An opener whose
-/// backend is a [`DeferSync`] on the given point gets pipelined commits; any other backend
-/// syncs inside the commit, as redb does on its own.
-pub type Opener =
-    Arc<dyn Fn(&Path, usize, &Arc<SyncPoint>) -> Result<Database, DatabaseError> + Send + Sync>;
+/// How the read-write database is opened (at start and on every reopen).
+pub type Opener = Arc<dyn Fn(&Path, usize) -> Result<Database, DatabaseError> + Send + Sync>;
 
-/// The plain file opener, with pipelined commits.
+/// The plain file opener.
 pub fn file_opener() -> Opener {
-    Arc::new(|path, cache_size, sync| {
+    Arc::new(|path, cache_size| {
         let file = super::prealloc::open_file(path)?;
-        let file = super::prealloc::PreallocFile::new(file, path)?;
         redb::Builder::new()
             .set_cache_size(cache_size)
-            .create_with_backend(DeferSync::new(file, sync))
+            .create_with_backend(super::prealloc::PreallocFile::new(file, path)?)
     })
 }
 
@@ -235,7 +228,7 @@ where
 
 /// Opens the database file at `shared.path` (no checks; those ran at first open).
 pub(super) fn open_database(shared: &Shared) -> Result<Database, DatabaseError> {
-    (shared.opener)(&shared.path, shared.cache_size, &shared.sync)
+    (shared.opener)(&shared.path, shared.cache_size)
 }
 
 /// `SPILLWAY_MAX_BATCH` lowers the batch bound (1 = one commit per request); it exists so
@@ -253,21 +246,6 @@ pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
     let mut last_reserve: Option<Instant> = None;
     let max_batch = max_batch();
     let mut batch: Vec<BoxRequest> = Vec::with_capacity(max_batch);
-    // Committed batches wait here for the sync that makes them durable (see `pipeline.rs`);
-    // without the thread, each batch is synced and answered on this one.
-    let (to_sync, synced) = std::sync::mpsc::channel::<(Vec<BoxRequest>, u64)>();
-    let sync_shared = shared.clone();
-    let syncer = std::thread::Builder::new()
-        .name("spillway-queue-sync".into())
-        .spawn(move || {
-            for (mut batch, ticket) in synced {
-                answer_synced(&sync_shared, &mut batch, ticket);
-                sync_shared.sync.answered();
-            }
-        })
-        .inspect_err(|e| tracing::warn!(error = %e, "no sync thread; commits are not pipelined"))
-        .ok();
-    let to_sync = syncer.as_ref().map(|_| to_sync);
     // Waits for one request, then takes every other one already waiting, up to the bound.
     while rx.blocking_recv_many(&mut batch, max_batch) > 0 {
         if shared.full.load(Ordering::Acquire) {
@@ -289,23 +267,6 @@ pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
             }
         }
         let end = run_batch(&shared, &mut batch, &mut last_reopen);
-        if let BatchEnd::Committed = end {
-            // Its writes are in the file; it counts as stored once the sync owed for it returns.
-            let ticket = shared.sync.ticket();
-            if let Some(to_sync) = &to_sync {
-                shared.sync.handed();
-                let handed = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
-                match to_sync.send((handed, ticket)) {
-                    Ok(()) => continue,
-                    Err(std::sync::mpsc::SendError((back, _))) => {
-                        shared.sync.answered();
-                        batch = back;
-                    }
-                }
-            }
-            answer_synced(&shared, &mut batch, ticket);
-            continue;
-        }
         if matches!(end, BatchEnd::Failed { full: true, .. }) {
             enter_full_mode(&shared);
             last_reserve = Some(Instant::now());
@@ -314,35 +275,7 @@ pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
             r.finish(&end);
         }
     }
-    // Every committed batch is answered before the file closes.
-    drop(to_sync);
-    if let Some(t) = syncer {
-        let _ = t.join();
-    }
     shared.db.write().take();
-}
-
-/// Answers a committed batch once the sync covering `ticket` returned: stored, or, when the
-/// sync failed, unavailable (or full) like a failed commit.
-fn answer_synced(shared: &Shared, batch: &mut Vec<BoxRequest>, ticket: u64) {
-    let end = match shared.sync.sync_through(ticket) {
-        Ok(()) => BatchEnd::Committed,
-        Err(e) => {
-            tracing::error!(path = %shared.path.display(), error = %e, batch = batch.len(), "job store sync failed");
-            shared.healthy.store(false, Ordering::Release);
-            let full = e.kind() == std::io::ErrorKind::StorageFull;
-            if full {
-                enter_full_mode(shared);
-            }
-            BatchEnd::Failed {
-                full,
-                message: e.to_string(),
-            }
-        }
-    };
-    for r in batch.drain(..) {
-        r.finish(&end);
-    }
 }
 
 /// The disk is full: give the reserve back for state changes and refuse enqueues.
@@ -382,8 +315,6 @@ fn current_db(shared: &Shared, last_reopen: &mut Option<Instant>) -> Result<Arc<
         return Err("the store failed and is waiting to reopen".into());
     }
     *last_reopen = Some(Instant::now());
-    // No answer may be left waiting on the old handle's syncs.
-    shared.sync.drain();
     // Drop our handle first so the file lock can be taken again.
     shared.db.write().take();
     match open_database(shared) {

@@ -6,7 +6,6 @@
 
 mod commit;
 mod ops;
-mod pipeline;
 mod prealloc;
 pub mod repair;
 pub mod schema;
@@ -33,7 +32,6 @@ use super::{
 
 pub(crate) use self::commit::Opener;
 pub use self::commit::MAX_BATCH;
-pub use self::pipeline::{DeferSync, SyncPoint};
 pub use self::prealloc::{open_file, PreallocFile};
 
 /// Requests that may wait for the writer; an enqueue beyond this answers `Busy`.
@@ -264,8 +262,7 @@ impl RedbStore {
         } else {
             create_private_file(&path).map_err(unavailable)?;
         }
-        let sync = pipeline::SyncPoint::new();
-        let db = opener(&path, cache_size_bytes, &sync).map_err(|e| open_error(&path, e))?;
+        let db = opener(&path, cache_size_bytes).map_err(|e| open_error(&path, e))?;
         let found = db
             .begin_read()
             .map_err(|e| tx_open_error(&path, e.into()))
@@ -276,9 +273,6 @@ impl RedbStore {
             tx.set_durability(redb::Durability::Immediate)?;
             let n = init(&tx, now_ms(), sealer.clone())?;
             tx.commit()?;
-            // No writer thread yet: this commit's sync is paid here.
-            sync.settle()
-                .map_err(|e| TxError::Storage(redb::Error::Io(e)))?;
             Ok(n)
         })()
         .map_err(|e| tx_open_error(&path, e))?;
@@ -294,7 +288,6 @@ impl RedbStore {
             opener,
             sealer,
             full: AtomicBool::new(false),
-            sync,
         });
         // Space held back for deliveries when the disk fills; without room for it the store
         // starts in full mode (accepts refused, deliveries go on).
