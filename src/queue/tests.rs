@@ -975,14 +975,14 @@ async fn a_schema_1_file_is_migrated_on_open_with_every_job_in_its_place() {
     assert_eq!(s.replay_dead("r", 6_000).await.unwrap(), 1);
     drop(s);
 
-    // The file says schema 2 and has only its tables.
+    // The file says the current schema and has only its tables.
     let db = ::redb::Database::create(&path).unwrap();
     let tx = ::redb::ReadableDatabase::begin_read(&db).unwrap();
     let meta = tx.open_table(redb::schema::META).unwrap();
     let version = ::redb::ReadableTable::get(&meta, redb::schema::SCHEMA_VERSION_KEY)
         .unwrap()
         .map(|v| v.value());
-    assert_eq!(version, Some(2));
+    assert_eq!(version, Some(redb::schema::SCHEMA_VERSION));
     assert!(matches!(
         tx.open_table(redb::schema::v1::BY_ROUTE),
         Err(::redb::TableError::TableDoesNotExist(_))
@@ -1031,7 +1031,7 @@ async fn newer_schema_is_refused_and_left_untouched() {
         let tx = db.begin_write().unwrap();
         tx.open_table(redb::schema::META)
             .unwrap()
-            .insert(redb::schema::SCHEMA_VERSION_KEY, 3)
+            .insert(redb::schema::SCHEMA_VERSION_KEY, redb::schema::SCHEMA_VERSION + 1)
             .unwrap();
         tx.commit().unwrap();
     }
@@ -1039,9 +1039,12 @@ async fn newer_schema_is_refused_and_left_untouched() {
     match RedbStore::open(&path, 1 << 20) {
         Err(StoreError::NewerSchema {
             path: p,
-            found: 3,
-            supported: 2,
-        }) => assert_eq!(p, path),
+            found,
+            supported,
+        }) => {
+            assert_eq!(p, path);
+            assert_eq!((found, supported), (redb::schema::SCHEMA_VERSION + 1, redb::schema::SCHEMA_VERSION));
+        }
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("a newer schema must be refused"),
     }

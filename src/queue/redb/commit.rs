@@ -13,6 +13,11 @@
 //! space the reserve gave back, so delivery drains the queue. Every [`REOPEN_EVERY`] the writer
 //! tries to write the reserve again; once it fits, full mode ends and accepts resume on their
 //! own.
+//!
+//! Accept log: a batch made only of enqueues is committed without durability and made durable
+//! by an append to the accept log instead (see `wal.rs` for why and how it is recovered). Its
+//! waiters are answered only after that append is synced. If the append fails, the batch's
+//! jobs are deleted again in a durable commit and its waiters get [`StoreError::Unavailable`].
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +29,9 @@ use redb::{Database, DatabaseError, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::ops::{Tables, TxError};
+use super::ops::{Logged, Tables, TxError};
+use super::schema::{ACCEPT_LOG_SEQ_KEY, META};
+use super::wal::{self, AcceptLog};
 use crate::queue::crypt::Sealer;
 use crate::queue::StoreError;
 
@@ -48,6 +55,8 @@ pub(super) struct Shared {
     pub sealer: Option<Arc<Sealer>>,
     /// Full mode (see the module docs): enqueues are refused until the reserve fits again.
     pub full: AtomicBool,
+    /// Commits made durable by the accept log rather than by redb.
+    pub logged: AtomicU64,
 }
 
 /// The reserve file beside the database: `<file>.reserve`.
@@ -241,7 +250,17 @@ fn max_batch() -> usize {
 }
 
 /// The writer loop; returns when every sender is gone.
-pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
+pub(super) fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<BoxRequest>,
+    mut log: Option<LogState>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flusher = log.as_ref().and_then(|l| {
+        wal::spawn_flusher(&shared.path, l.dirty.clone(), stop.clone())
+            .inspect_err(|e| tracing::warn!(error = %e, "accept log: no background flush"))
+            .ok()
+    });
     let mut last_reopen: Option<Instant> = None;
     let mut last_reserve: Option<Instant> = None;
     let max_batch = max_batch();
@@ -266,7 +285,7 @@ pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
                 continue;
             }
         }
-        let end = run_batch(&shared, &mut batch, &mut last_reopen);
+        let end = run_batch(&shared, &mut batch, &mut last_reopen, log.as_mut());
         if matches!(end, BatchEnd::Failed { full: true, .. }) {
             enter_full_mode(&shared);
             last_reserve = Some(Instant::now());
@@ -275,7 +294,136 @@ pub(super) fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<BoxRequest>) {
             r.finish(&end);
         }
     }
+    // Logged batches into a durable commit, so the next start has nothing to replay.
+    if let (Some(l), Some(db)) = (log.as_mut(), shared.db.read().clone()) {
+        if l.log.used() > 0 && shared.healthy.load(Ordering::Acquire) {
+            match apply_and_commit(&shared, &db, &mut [], None) {
+                Ok(_) => l.durable(true),
+                Err(e) => tracing::warn!(error = %e, "job store: final commit failed"),
+            }
+        }
+    }
+    stop.store(true, Ordering::Release);
+    if let Some(f) = flusher {
+        f.thread().unpark();
+        let _ = f.join();
+    }
     shared.db.write().take();
+}
+
+/// The accept log as the writer keeps it.
+pub(super) struct LogState {
+    pub log: AcceptLog,
+    /// When logged batches last went into a durable commit.
+    last_durable: Instant,
+    /// The last attempt to make a failed log ready again.
+    last_ready_try: Option<Instant>,
+    /// The batch whose append failed, while the database may not hold its retraction: never
+    /// applied again (its waiters were refused).
+    failed_seq: Option<u64>,
+    /// Logged batches are outstanding (for the background flush).
+    dirty: Arc<AtomicBool>,
+}
+
+impl LogState {
+    pub fn new(log: AcceptLog) -> Self {
+        Self {
+            log,
+            last_durable: Instant::now(),
+            last_ready_try: None,
+            failed_seq: None,
+            dirty: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether `batch` may go to the log: only enqueues, and only while the batches outside a
+    /// durable commit are few and recent.
+    fn open_for(&self, batch: &[BoxRequest]) -> bool {
+        self.log.is_ready()
+            && self.last_durable.elapsed() < wal::CHECKPOINT_EVERY
+            && self.log.used() < wal::CHECKPOINT_BYTES
+            && batch.iter().all(|r| r.grows())
+    }
+
+    /// A durable commit returned: every logged batch is in the database. A log that failed is
+    /// made ready again, at most once per [`REOPEN_EVERY`] and not while `full`.
+    fn durable(&mut self, full: bool) {
+        self.last_durable = Instant::now();
+        self.dirty.store(false, Ordering::Release);
+        if self.log.is_ready() {
+            self.log.restart();
+            return;
+        }
+        if full || self.last_ready_try.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+            return;
+        }
+        self.last_ready_try = Some(Instant::now());
+        match self.log.make_ready() {
+            Ok(()) => tracing::info!(path = %self.log.path().display(), "accept log in use again"),
+            Err(e) => {
+                tracing::warn!(path = %self.log.path().display(), error = %e, "accept log still unusable; accepts commit to the database")
+            }
+        }
+    }
+}
+
+/// Why the accept log could not be recovered.
+#[derive(Debug)]
+pub(super) enum RecoverError {
+    /// Reading the log or committing its batches failed.
+    Unavailable(String),
+    /// A batch of the log does not decode.
+    Corrupt(String),
+}
+
+/// Applies the batches of the log that `db` does not hold yet, in one durable commit, then
+/// makes the log ready for appends (a failure there only leaves it unused). Returns how many
+/// jobs were stored again.
+pub(super) fn recover_log(
+    db: &Database,
+    l: &mut LogState,
+    sealer: Option<Arc<Sealer>>,
+) -> Result<u64, RecoverError> {
+    use redb::ReadableTable;
+    let path = l.log.path().display().to_string();
+    let batches = l.log.read_batches().map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => RecoverError::Corrupt(e.to_string()),
+        _ => RecoverError::Unavailable(format!("{path}: {e}")),
+    })?;
+    let storage = |e: TxError| match e {
+        TxError::Decode(m) | TxError::Sealed(m) => RecoverError::Corrupt(m),
+        TxError::Store(e) => RecoverError::Unavailable(e.to_string()),
+        TxError::Storage(e) => RecoverError::Unavailable(e.to_string()),
+    };
+    let failed = l.failed_seq;
+    let stored = (|| -> Result<u64, TxError> {
+        let mut tx = db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        let mut stored = 0;
+        {
+            let mut meta = tx.open_table(META)?;
+            let held = meta.get(ACCEPT_LOG_SEQ_KEY)?.map_or(0, |v| v.value());
+            let last = batches.last().map_or(0, |b| b.seq).max(held);
+            let mut t = Tables::open(&tx, sealer)?;
+            for b in batches.iter().filter(|b| b.seq > held && Some(b.seq) != failed) {
+                for e in &b.entries {
+                    stored += u64::from(super::ops::replay_logged(&mut t, &e.record, e.window_ms)?);
+                }
+            }
+            t.finish()?;
+            meta.insert(ACCEPT_LOG_SEQ_KEY, last)?;
+            l.log.continue_after(last);
+        }
+        tx.commit()?;
+        Ok(stored)
+    })()
+    .map_err(storage)?;
+    l.failed_seq = None;
+    l.durable(true);
+    if let Err(e) = l.log.make_ready() {
+        tracing::warn!(path = %path, error = %e, "accept log unusable; accepts commit to the database");
+    }
+    Ok(stored)
 }
 
 /// The disk is full: give the reserve back for state changes and refuse enqueues.
@@ -305,7 +453,11 @@ fn retry_reserve(shared: &Shared, last: &mut Option<Instant>) {
     }
 }
 
-fn current_db(shared: &Shared, last_reopen: &mut Option<Instant>) -> Result<Arc<Database>, String> {
+fn current_db(
+    shared: &Shared,
+    last_reopen: &mut Option<Instant>,
+    log: Option<&mut LogState>,
+) -> Result<Arc<Database>, String> {
     if shared.healthy.load(Ordering::Acquire) {
         if let Some(db) = shared.db.read().clone() {
             return Ok(db);
@@ -319,6 +471,20 @@ fn current_db(shared: &Shared, last_reopen: &mut Option<Instant>) -> Result<Arc<
     shared.db.write().take();
     match open_database(shared) {
         Ok(db) => {
+            // What the log holds beyond the database's last durable commit, before any use.
+            if let Some(l) = log {
+                match recover_log(&db, l, shared.sealer.clone()) {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(path = %shared.path.display(), jobs = n, "accepted jobs restored from the accept log")
+                    }
+                    Ok(_) => {}
+                    Err(RecoverError::Unavailable(m) | RecoverError::Corrupt(m)) => {
+                        let log = l.log.path().display().to_string();
+                        tracing::warn!(path = %log, error = %m, "accept log recovery failed");
+                        return Err(format!("accept log {log}: recovery failed: {m}"));
+                    }
+                }
+            }
             let db = Arc::new(db);
             *shared.db.write() = Some(db.clone());
             tracing::info!(path = %shared.path.display(), "job store reopened");
@@ -335,8 +501,9 @@ fn run_batch(
     shared: &Shared,
     batch: &mut [BoxRequest],
     last_reopen: &mut Option<Instant>,
+    mut log: Option<&mut LogState>,
 ) -> BatchEnd {
-    let db = match current_db(shared, last_reopen) {
+    let db = match current_db(shared, last_reopen, log.as_deref_mut()) {
         Ok(db) => db,
         Err(message) => {
             return BatchEnd::Failed {
@@ -345,10 +512,40 @@ fn run_batch(
             }
         }
     };
-    match apply_and_commit(shared, &db, batch) {
-        Ok(()) => {
+    let logging = log.as_deref().filter(|l| l.open_for(batch)).map(|l| &l.log);
+    let commit = apply_and_commit(shared, &db, batch, logging);
+    match commit {
+        Ok(Commit::Logged { seq, logged }) => {
+            let l = log.expect("logged only with a log");
+            match l.log.append(seq, &logged.payload) {
+                Ok(()) => {
+                    shared.commits.fetch_add(1, Ordering::AcqRel);
+                    shared.logged.fetch_add(1, Ordering::AcqRel);
+                    shared.healthy.store(true, Ordering::Release);
+                    l.dirty.store(true, Ordering::Release);
+                    BatchEnd::Committed
+                }
+                Err(e) => {
+                    tracing::error!(path = %l.log.path().display(), error = %e, batch = batch.len(), "accept log append failed; the batch is refused");
+                    l.failed_seq = Some(seq);
+                    retract(shared, &db, &logged.ids, l);
+                    BatchEnd::Failed {
+                        full: false,
+                        message: format!("accept log: {e}"),
+                    }
+                }
+            }
+        }
+        Ok(Commit::Nothing) => {
+            shared.healthy.store(true, Ordering::Release);
+            BatchEnd::Committed
+        }
+        Ok(Commit::Durable) => {
             shared.commits.fetch_add(1, Ordering::AcqRel);
             shared.healthy.store(true, Ordering::Release);
+            if let Some(l) = log {
+                l.durable(shared.full.load(Ordering::Acquire));
+            }
             BatchEnd::Committed
         }
         Err(e) => {
@@ -359,28 +556,90 @@ fn run_batch(
     }
 }
 
+/// How a batch's commit returned.
+enum Commit {
+    /// Durable in the database.
+    Durable,
+    /// In the database without durability: durable once `logged` is appended to the log as
+    /// batch `seq`.
+    Logged { seq: u64, logged: Logged },
+    /// Without durability and with nothing stored (duplicates, refusals): nothing to make
+    /// durable, and earlier logged batches are still outside a durable commit.
+    Nothing,
+}
+
+/// Applies the batch in one write transaction and commits it: durably, or, with `logging`,
+/// without durability when the batch stored jobs that fit in the log.
 fn apply_and_commit(
     shared: &Shared,
     db: &Database,
     batch: &mut [BoxRequest],
-) -> Result<(), redb::Error> {
+    logging: Option<&AcceptLog>,
+) -> Result<Commit, redb::Error> {
     let mut tx = db.begin_write()?;
     tx.set_durability(Durability::Immediate)?;
-    if let Err(e) = apply_all(&tx, shared, batch) {
-        tx.abort()?;
-        return Err(e);
+    let logged = match apply_all(&tx, shared, batch, logging.is_some()) {
+        Ok(l) => l,
+        Err(e) => {
+            tx.abort()?;
+            return Err(e);
+        }
+    };
+    let commit = match (logging, logged) {
+        (Some(_), Some(l)) if l.ids.is_empty() => Commit::Nothing,
+        (Some(log), Some(l)) if log.fits(l.payload.len()) => {
+            let seq = log.next_seq();
+            tx.open_table(META)?.insert(ACCEPT_LOG_SEQ_KEY, seq)?;
+            Commit::Logged { seq, logged: l }
+        }
+        _ => Commit::Durable,
+    };
+    if !matches!(commit, Commit::Durable) {
+        tx.set_durability(Durability::None)?;
     }
     tx.commit()?;
-    Ok(())
+    Ok(commit)
+}
+
+/// Takes a batch whose append failed back out of the database, durably: its waiters are
+/// refused, so its jobs must not be delivered. If that fails too, the database is reopened
+/// later and recovery skips the batch (`failed_seq`).
+fn retract(shared: &Shared, db: &Database, ids: &[super::JobId], l: &mut LogState) {
+    let res = (|| -> Result<(), TxError> {
+        let mut tx = db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        let mut t = Tables::open(&tx, shared.sealer.clone())?;
+        for id in ids {
+            super::ops::delete(&mut t, *id)?;
+        }
+        t.finish()?;
+        tx.commit()?;
+        Ok(())
+    })();
+    match res {
+        Ok(()) => {
+            l.failed_seq = None;
+            l.durable(shared.full.load(Ordering::Acquire));
+        }
+        Err(e) => {
+            tracing::error!(path = %shared.path.display(), error = ?e, "taking a refused batch back failed; reopening the store");
+            shared.healthy.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// Every request of the batch against one set of open tables, then the counters written back.
+/// With `log`, returns what the batch stored, for the accept log.
 fn apply_all(
     tx: &WriteTransaction,
     shared: &Shared,
     batch: &mut [BoxRequest],
-) -> Result<(), redb::Error> {
+    log: bool,
+) -> Result<Option<Logged>, redb::Error> {
     let mut tables = Tables::open(tx, shared.sealer.clone()).map_err(|e| as_storage(shared, e))?;
+    if log {
+        tables.log_new_jobs();
+    }
     for r in batch.iter_mut() {
         r.apply(&mut tables, shared)?;
     }

@@ -9,6 +9,7 @@ mod ops;
 mod prealloc;
 pub mod repair;
 pub mod schema;
+pub(crate) mod wal;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use parking_lot::{Mutex, RwLock};
 use redb::{Database, DatabaseError, ReadTransaction, ReadableDatabase, WriteTransaction};
 use tokio::sync::mpsc;
 
-use self::commit::{BoxRequest, Pending, Shared};
+use self::commit::{BoxRequest, LogState, Pending, RecoverError, Shared};
 use self::ops::{EnqueueStep, TxError};
 use self::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use super::crypt::Sealer;
@@ -288,7 +289,12 @@ impl RedbStore {
             opener,
             sealer,
             full: AtomicBool::new(false),
+            logged: AtomicU64::new(0),
         });
+        let log = {
+            let db = shared.db.read().clone().expect("just opened");
+            open_accept_log(&db, &shared.path, shared.sealer.clone())?
+        };
         // Space held back for deliveries when the disk fills; without room for it the store
         // starts in full mode (accepts refused, deliveries go on).
         if let Err(e) = commit::ensure_reserve(&shared.path, commit::RESERVE_BYTES) {
@@ -299,7 +305,7 @@ impl RedbStore {
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("spillway-queue-writer".into())
-            .spawn(move || commit::run(writer_shared, rx))
+            .spawn(move || commit::run(writer_shared, rx, log))
             .map_err(|e| StoreError::Unavailable(format!("spawn writer thread: {e}")))?;
         Ok(Self {
             shared,
@@ -312,6 +318,11 @@ impl RedbStore {
     /// the number of writes).
     pub fn commits(&self) -> u64 {
         self.shared.commits.load(Ordering::Acquire)
+    }
+
+    /// Of [`Self::commits`], those made durable by the accept log rather than by redb.
+    pub fn logged_commits(&self) -> u64 {
+        self.shared.logged.load(Ordering::Acquire)
     }
 
     pub fn path(&self) -> &Path {
@@ -600,6 +611,50 @@ impl JobStore for RedbStore {
     fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Acquire) && !self.shared.full.load(Ordering::Acquire)
     }
+}
+
+/// `SPILLWAY_ACCEPT_LOG=off` turns the accept log off (every batch a durable redb commit); it
+/// exists so benchmarks can measure what the log buys, not as a tuning knob.
+fn accept_log_enabled() -> bool {
+    std::env::var("SPILLWAY_ACCEPT_LOG").map_or(true, |v| v != "off")
+}
+
+/// Opens the accept log beside the database and applies what it holds beyond the database's
+/// last durable commit. With the log turned off, a log left by an earlier run is applied,
+/// then removed.
+fn open_accept_log(
+    db: &Database,
+    path: &Path,
+    sealer: Option<Arc<Sealer>>,
+) -> Result<Option<LogState>, StoreError> {
+    let enabled = accept_log_enabled();
+    let log_path = wal::log_path(path);
+    if !enabled && !log_path.exists() {
+        return Ok(None);
+    }
+    let log = wal::AcceptLog::open(path)
+        .map_err(|e| StoreError::Unavailable(format!("{}: {e}", log_path.display())))?;
+    let mut state = LogState::new(log);
+    match commit::recover_log(db, &mut state, sealer) {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(path = %log_path.display(), jobs = n, "accepted jobs restored from the accept log")
+        }
+        Err(RecoverError::Unavailable(m)) => return Err(StoreError::Unavailable(m)),
+        Err(RecoverError::Corrupt(m)) => {
+            return Err(StoreError::Corrupt {
+                path: log_path,
+                message: m,
+            })
+        }
+    }
+    if !enabled {
+        drop(state);
+        fs::remove_file(&log_path)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", log_path.display())))?;
+        return Ok(None);
+    }
+    Ok(Some(state))
 }
 
 /// The path of the store file inside a data directory.

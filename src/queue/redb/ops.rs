@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
+use super::wal::push_entry;
 use super::schema::{
     decode_idem, decode_job_head, decode_job_with, decode_route, encode_idem, encode_job_with,
     encode_route, rewrite_sealed_head, DecodeError, IdemRecordV1, RouteRecordV1, BY_ROUTE,
@@ -256,6 +257,16 @@ pub(super) struct Tables<'tx> {
     counts: HashMap<String, [Option<u64>; JobState::ALL.len()]>,
     /// Seals job records when encryption at rest is on, and opens sealed ones.
     pub sealer: Option<Arc<Sealer>>,
+    /// Set when this batch goes to the accept log (`wal.rs`): the jobs it stores, as logged.
+    log: Option<Logged>,
+}
+
+/// What a batch stored, for the accept log: the log payload of its new jobs and their ids
+/// (to take them back out if the append fails).
+#[derive(Debug, Default)]
+pub(super) struct Logged {
+    pub payload: Vec<u8>,
+    pub ids: Vec<JobId>,
 }
 
 impl<'tx> Tables<'tx> {
@@ -273,7 +284,13 @@ impl<'tx> Tables<'tx> {
             quotas: tx.open_table(QUOTAS)?,
             counts: HashMap::new(),
             sealer,
+            log: None,
         })
+    }
+
+    /// Records the jobs this batch stores for the accept log (see [`Tables::finish`]).
+    pub fn log_new_jobs(&mut self) {
+        self.log = Some(Logged::default());
     }
 
     /// The route's counter for `state`, including this batch's changes.
@@ -305,7 +322,8 @@ impl<'tx> Tables<'tx> {
     }
 
     /// Writes the batch's counters back; call before the tables are dropped and committed.
-    pub fn finish(mut self) -> TxResult<()> {
+    /// Returns what the batch logged, after [`Tables::log_new_jobs`].
+    pub fn finish(mut self) -> TxResult<Option<Logged>> {
         for (route, counts) in std::mem::take(&mut self.counts) {
             for state in JobState::ALL {
                 if let Some(v) = counts[state as usize] {
@@ -313,7 +331,7 @@ impl<'tx> Tables<'tx> {
                 }
             }
         }
-        Ok(())
+        Ok(self.log.take())
     }
 }
 
@@ -447,8 +465,45 @@ pub(super) fn enqueue(
             encode_idem(&rec).as_slice(),
         )?;
     }
-    insert_job(t, &job, if generated { dedupe_window_ms } else { 0 })?;
+    let record = encode_job_with(&job, t.sealer.as_deref())
+        .map_err(|e| TxError::Sealed(format!("job {}: {e}", job.id)))?;
+    let window_ms = if generated { dedupe_window_ms } else { 0 };
+    put_record(t, None, Some((&job, &record)), window_ms)?;
+    if let Some(log) = &mut t.log {
+        push_entry(&mut log.payload, dedupe_window_ms, &record);
+        log.ids.push(job.id);
+    }
     Ok(EnqueueStep::Stored(job.id))
+}
+
+/// Stores again a job of a logged batch (`wal.rs`) as [`enqueue`] stored it: `record` as
+/// logged, `dedupe_window_ms` the route's window then. A job already stored (the batch was in
+/// the database after all) is left alone. Returns whether it was stored.
+pub(super) fn replay_logged(
+    t: &mut Tables<'_>,
+    record: &[u8],
+    dedupe_window_ms: u64,
+) -> TxResult<bool> {
+    let (job, _) = decode_job_head(record)?;
+    if t.jobs.get(job.id.as_u128())?.is_some() {
+        return Ok(false);
+    }
+    let generated = job.id.is_text(&job.idempotency_key);
+    if !generated {
+        let rec = IdemRecordV1 {
+            id: job.id.as_u128(),
+            fingerprint: job.fingerprint,
+            window_ms: dedupe_window_ms,
+            expires_at_ms: u64::MAX,
+        };
+        t.idem.insert(
+            (job.route.as_str(), job.idempotency_key.as_str()),
+            encode_idem(&rec).as_slice(),
+        )?;
+    }
+    let window_ms = if generated { dedupe_window_ms } else { 0 };
+    put_record(t, None, Some((&job, record)), window_ms)?;
+    Ok(true)
 }
 
 /// The job holding `key` on `route` at `now`, and its fingerprint: while it is pending or

@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use super::ops::{self, Tables, TxError};
 use super::schema::{
     self, decode_idem, decode_job_with, decode_route, encode_idem, encode_route, IdemRecordV1,
-    SCHEMA_VERSION, SCHEMA_VERSION_KEY,
+    ACCEPT_LOG_SEQ_KEY, SCHEMA_VERSION, SCHEMA_VERSION_KEY,
 };
 use crate::queue::crypt::Sealer;
 use crate::queue::{Job, JobId, JobState};
@@ -458,6 +458,10 @@ struct Found {
     idem: Vec<((String, String), Option<IdemRecordV1>)>,
     routes: Vec<(String, Option<schema::RouteRecordV1>)>,
     quotas: Vec<((String, u64), (u64, u64))>,
+    /// The last accept-log batch the damaged file held (see `wal.rs`); 0 when unknown, so
+    /// every batch still in the log is applied again at the next start (jobs found here are
+    /// kept as they are).
+    accept_log_seq: u64,
 }
 
 /// Reads every readable record of an open (possibly damaged) store.
@@ -489,7 +493,13 @@ fn read_tree(
         });
     }
 
-    let mut out = Found::default();
+    let mut out = Found {
+        accept_log_seq: schema_rows
+            .iter()
+            .find(|(k, _)| k == ACCEPT_LOG_SEQ_KEY)
+            .map_or(0, |(_, v)| *v),
+        ..Found::default()
+    };
     for r in read_jobs(&tx, notes) {
         match decode_job_with(&r, sealer) {
             Ok(j) => out.jobs.push(j),
@@ -627,6 +637,7 @@ fn write_fresh(
         idem,
         routes,
         quotas,
+        accept_log_seq,
     } = found;
     let mut report = RepairReport {
         jobs_skipped,
@@ -645,6 +656,7 @@ fn write_fresh(
         {
             let mut meta = tx.open_table(schema::META)?;
             meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION)?;
+            meta.insert(ACCEPT_LOG_SEQ_KEY, accept_log_seq)?;
         }
         tx.commit()?;
         Ok(())

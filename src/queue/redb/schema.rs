@@ -25,9 +25,14 @@ use crate::queue::{Job, JobId, JobState, LastOutcome, BODY_PREFIX_MAX};
 /// | 1 | first release |
 /// | 2 | a job whose idempotency key was generated (the key is the job id) has no [`IDEM`] row; its dedupe window is the value of its [`BY_ROUTE`] entry (`by_route_v1` had no value) |
 ///
-/// A file of schema 1 is migrated when it is opened read-write (`migrate_v1` in `mod.rs`).
-pub const SCHEMA_VERSION: u64 = 2;
+/// | 3 | the accept log beside the file (`wal.rs`) may hold accepted jobs the file does not; `meta` row [`ACCEPT_LOG_SEQ_KEY`] says which batches of it the file holds. An older spillway would not read the log, so it must not open such a file |
+///
+/// A file of schema 1 is migrated when it is opened read-write (`migrate_v1` in `mod.rs`);
+/// schema 2 needs no change to become 3.
+pub const SCHEMA_VERSION: u64 = 3;
 pub const SCHEMA_VERSION_KEY: &str = "schema_version";
+/// `meta` row: the sequence number of the last accept-log batch this file holds.
+pub const ACCEPT_LOG_SEQ_KEY: &str = "accept_log_seq";
 
 pub const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 pub const JOBS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("jobs_v1");
