@@ -1031,7 +1031,10 @@ async fn newer_schema_is_refused_and_left_untouched() {
         let tx = db.begin_write().unwrap();
         tx.open_table(redb::schema::META)
             .unwrap()
-            .insert(redb::schema::SCHEMA_VERSION_KEY, redb::schema::SCHEMA_VERSION + 1)
+            .insert(
+                redb::schema::SCHEMA_VERSION_KEY,
+                redb::schema::SCHEMA_VERSION + 1,
+            )
             .unwrap();
         tx.commit().unwrap();
     }
@@ -1043,7 +1046,13 @@ async fn newer_schema_is_refused_and_left_untouched() {
             supported,
         }) => {
             assert_eq!(p, path);
-            assert_eq!((found, supported), (redb::schema::SCHEMA_VERSION + 1, redb::schema::SCHEMA_VERSION));
+            assert_eq!(
+                (found, supported),
+                (
+                    redb::schema::SCHEMA_VERSION + 1,
+                    redb::schema::SCHEMA_VERSION
+                )
+            );
         }
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("a newer schema must be refused"),
@@ -1436,4 +1445,140 @@ async fn jobs_sealed_with_a_missing_key_fail_clearly_and_recover_with_it() {
     let s = RedbStore::open(&path, 1 << 20).unwrap();
     assert!(s.delete(c).await.unwrap());
     assert!(s.get(c).await.unwrap().is_none());
+}
+
+// === accept log ===
+
+/// Copies the store's files into `to` as a crash would leave them when the database file has
+/// lost everything since `db_image` was taken (its last durable commit) but the accept log is
+/// as it is now: the worst case the log must cover.
+fn crash_image(
+    path: &std::path::Path,
+    db_image: &[u8],
+    to: &std::path::Path,
+) -> std::path::PathBuf {
+    let copy = to.join("queue.redb");
+    std::fs::write(&copy, db_image).unwrap();
+    std::fs::copy(redb::wal::log_path(path), redb::wal::log_path(&copy)).unwrap();
+    copy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_made_durable_by_the_log_survive_losing_the_database_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let s = RedbStore::open(&path, 1 << 20).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(stored(&s, job("r", &format!("k{i}"), &format!("b{i}"), 100 + i)).await);
+    }
+    ids.push(stored(&s, generated("r", "g", 200)).await);
+    assert!(s.logged_commits() >= 6, "enqueue batches go to the log");
+    let crashed = tempfile::tempdir().unwrap();
+    let copy = crash_image(&path, &before, crashed.path());
+    drop(s);
+
+    let s = RedbStore::open(&copy, 1 << 20).unwrap();
+    for id in &ids {
+        let j = s.get(*id).await.unwrap().expect("replayed from the log");
+        assert_eq!(j.state, JobState::Queued);
+    }
+    assert_eq!(
+        s.get(ids[2]).await.unwrap().unwrap().body,
+        Bytes::from("b2")
+    );
+    let st = s.stats("r").await.unwrap();
+    assert_eq!(st.queued, 6, "{st:?}");
+    assert_eq!(st.oldest_queued_created_at_ms, Some(100));
+    // Keys, client and generated, dedupe as before the crash.
+    assert_eq!(
+        s.enqueue(job("r", "k0", "other", 300), WINDOW, DEEP)
+            .await
+            .unwrap(),
+        EnqueueOutcome::KeyConflict(ids[0])
+    );
+    assert!(matches!(
+        s.enqueue(job("r", "k1", "b1", 300), WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::Duplicate(x) if *x.get() == ids[1]
+    ));
+    let mut again = generated("r", "g", 300);
+    again.idempotency_key = ids[5].to_string();
+    assert!(matches!(
+        s.enqueue(again, WINDOW, DEEP).await.unwrap(),
+        EnqueueOutcome::Duplicate(x) if *x.get() == ids[5]
+    ));
+    assert_eq!(s.lease_due("r", 1_000, 10).await.unwrap().len(), 6);
+    drop(s);
+    // Applied once: a second open finds nothing more to apply.
+    let s = RedbStore::open(&copy, 1 << 20).unwrap();
+    assert_eq!(s.stats("r").await.unwrap().queued, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_deleted_after_it_was_logged_is_not_brought_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let s = RedbStore::open(&path, 1 << 20).unwrap();
+    let a = stored(&s, job("r", "a", "a", 100)).await;
+    let b = stored(&s, job("r", "b", "b", 101)).await;
+    // A durable commit: it holds both logged batches and the deletion.
+    assert!(s.delete(a).await.unwrap());
+    let durable = std::fs::read(&path).unwrap();
+    let c = stored(&s, job("r", "c", "c", 102)).await;
+    let crashed = tempfile::tempdir().unwrap();
+    let copy = crash_image(&path, &durable, crashed.path());
+    drop(s);
+
+    let s = RedbStore::open(&copy, 1 << 20).unwrap();
+    assert!(s.get(a).await.unwrap().is_none(), "deleted stays deleted");
+    assert!(s.get(b).await.unwrap().is_some());
+    assert!(s.get(c).await.unwrap().is_some(), "logged after the commit");
+    assert_eq!(s.stats("r").await.unwrap().queued, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_append_answers_unavailable_and_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let s = RedbStore::open(&path, 1 << 20).unwrap();
+    let kept = stored(&s, job("r", "kept", "k", 100)).await;
+    let log = redb::wal::log_path(&path);
+    redb::wal::faults::set_failing(&log, true);
+    let lost = job("r", "lost", "l", 101);
+    let res = s.enqueue(lost.clone(), WINDOW, DEEP).await;
+    redb::wal::faults::set_failing(&log, false);
+    assert!(
+        matches!(res, Err(StoreError::Unavailable(ref m)) if m.contains("accept log")),
+        "{res:?}"
+    );
+    assert!(s.get(lost.id).await.unwrap().is_none(), "taken back out");
+    assert_eq!(s.stats("r").await.unwrap().queued, 1);
+    // The key is free: the refused request may be sent again and is stored.
+    assert_eq!(stored(&s, lost.clone()).await, lost.id);
+    drop(s);
+    let s = RedbStore::open(&path, 1 << 20).unwrap();
+    assert!(s.get(kept).await.unwrap().is_some());
+    assert_eq!(s.stats("r").await.unwrap().queued, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_log_entry_that_does_not_decode_is_corrupt_naming_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    drop(RedbStore::open(&path, 1 << 20).unwrap());
+    {
+        let mut log = redb::wal::AcceptLog::open(&path).unwrap();
+        log.make_ready().unwrap();
+        let mut payload = Vec::new();
+        redb::wal::push_entry(&mut payload, 0, b"not a job record");
+        log.append(1_000, &payload).unwrap();
+    }
+    match RedbStore::open(&path, 1 << 20) {
+        Err(StoreError::Corrupt { path: p, message }) => {
+            assert_eq!(p, redb::wal::log_path(&path), "{message}");
+        }
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("an undecodable log must be refused"),
+    }
 }

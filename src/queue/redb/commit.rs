@@ -354,7 +354,11 @@ impl LogState {
             self.log.restart();
             return;
         }
-        if full || self.last_ready_try.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+        if full
+            || self
+                .last_ready_try
+                .is_some_and(|t| t.elapsed() < REOPEN_EVERY)
+        {
             return;
         }
         self.last_ready_try = Some(Instant::now());
@@ -405,7 +409,10 @@ pub(super) fn recover_log(
             let held = meta.get(ACCEPT_LOG_SEQ_KEY)?.map_or(0, |v| v.value());
             let last = batches.last().map_or(0, |b| b.seq).max(held);
             let mut t = Tables::open(&tx, sealer)?;
-            for b in batches.iter().filter(|b| b.seq > held && Some(b.seq) != failed) {
+            for b in batches
+                .iter()
+                .filter(|b| b.seq > held && Some(b.seq) != failed)
+            {
                 for e in &b.entries {
                     stored += u64::from(super::ops::replay_logged(&mut t, &e.record, e.window_ms)?);
                 }
@@ -514,33 +521,35 @@ fn run_batch(
     };
     let logging = log.as_deref().filter(|l| l.open_for(batch)).map(|l| &l.log);
     let commit = apply_and_commit(shared, &db, batch, logging);
-    match commit {
-        Ok(Commit::Logged { seq, logged }) => {
-            let l = log.expect("logged only with a log");
-            match l.log.append(seq, &logged.payload) {
-                Ok(()) => {
-                    shared.commits.fetch_add(1, Ordering::AcqRel);
-                    shared.logged.fetch_add(1, Ordering::AcqRel);
-                    shared.healthy.store(true, Ordering::Release);
-                    l.dirty.store(true, Ordering::Release);
-                    BatchEnd::Committed
-                }
-                Err(e) => {
-                    tracing::error!(path = %l.log.path().display(), error = %e, batch = batch.len(), "accept log append failed; the batch is refused");
-                    l.failed_seq = Some(seq);
-                    retract(shared, &db, &logged.ids, l);
-                    BatchEnd::Failed {
-                        full: false,
-                        message: format!("accept log: {e}"),
-                    }
+    match (commit, log) {
+        (Ok(Commit::Logged { seq, logged }), Some(l)) => match l.log.append(seq, &logged.payload) {
+            Ok(()) => {
+                shared.commits.fetch_add(1, Ordering::AcqRel);
+                shared.logged.fetch_add(1, Ordering::AcqRel);
+                shared.healthy.store(true, Ordering::Release);
+                l.dirty.store(true, Ordering::Release);
+                BatchEnd::Committed
+            }
+            Err(e) => {
+                tracing::error!(path = %l.log.path().display(), error = %e, batch = batch.len(), "accept log append failed; the batch is refused");
+                l.failed_seq = Some(seq);
+                retract(shared, &db, &logged.ids, l);
+                BatchEnd::Failed {
+                    full: false,
+                    message: format!("accept log: {e}"),
                 }
             }
-        }
-        Ok(Commit::Nothing) => {
+        },
+        // Logged only when a log was given; never answered as durable without it.
+        (Ok(Commit::Logged { .. }), None) => BatchEnd::Failed {
+            full: false,
+            message: "a logged batch without the accept log".into(),
+        },
+        (Ok(Commit::Nothing), _) => {
             shared.healthy.store(true, Ordering::Release);
             BatchEnd::Committed
         }
-        Ok(Commit::Durable) => {
+        (Ok(Commit::Durable), log) => {
             shared.commits.fetch_add(1, Ordering::AcqRel);
             shared.healthy.store(true, Ordering::Release);
             if let Some(l) = log {
@@ -548,7 +557,7 @@ fn run_batch(
             }
             BatchEnd::Committed
         }
-        Err(e) => {
+        (Err(e), _) => {
             tracing::error!(path = %shared.path.display(), error = %e, batch = batch.len(), "job store commit failed");
             shared.healthy.store(false, Ordering::Release);
             BatchEnd::from_error(&e)

@@ -280,6 +280,7 @@ impl RedbStore {
         if recovered > 0 {
             tracing::info!(path = %path.display(), recovered, "in_flight jobs requeued after restart");
         }
+        let log = open_accept_log(&db, &path, sealer.clone())?;
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(Arc::new(db))),
             healthy: AtomicBool::new(true),
@@ -291,10 +292,6 @@ impl RedbStore {
             full: AtomicBool::new(false),
             logged: AtomicU64::new(0),
         });
-        let log = {
-            let db = shared.db.read().clone().expect("just opened");
-            open_accept_log(&db, &shared.path, shared.sealer.clone())?
-        };
         // Space held back for deliveries when the disk fills; without room for it the store
         // starts in full mode (accepts refused, deliveries go on).
         if let Err(e) = commit::ensure_reserve(&shared.path, commit::RESERVE_BYTES) {

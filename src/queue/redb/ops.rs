@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
-use super::wal::push_entry;
 use super::schema::{
     decode_idem, decode_job_head, decode_job_with, decode_route, encode_idem, encode_job_with,
     encode_route, rewrite_sealed_head, DecodeError, IdemRecordV1, RouteRecordV1, BY_ROUTE,
     COUNTERS, DUE, EXPIRY, IDEM, JOBS, ORDER, PENDING, QUOTAS, ROUTES,
 };
+use super::wal::push_entry;
 use crate::queue::crypt::Sealer;
 use crate::queue::{Job, JobId, JobState, LastOutcome, NewJob, StoreError, BODY_PREFIX_MAX};
 
