@@ -131,12 +131,15 @@ fn repairs(sw: &Spillway) -> (usize, bool) {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no job count in:\n{out}"));
     let raw = out.contains("read by: raw scan");
-    // Nothing left behind but the store, its damaged original, the config and the logs.
+    // Nothing left behind but the store (with its reserve and accept log, whose batches the
+    // damaged file did not hold are applied at the next start), its damaged original, the
+    // config and the logs.
     for e in std::fs::read_dir(sw.dir.path()).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
         assert!(
             name == "queue.redb"
                 || name == "queue.redb.reserve"
+                || name == "queue.redb.accept-log"
                 || name.starts_with("queue.redb.damaged-")
                 || name == "spillway.yaml"
                 || name.ends_with(".log"),
@@ -175,12 +178,13 @@ async fn delivers_the_saved_jobs(
             "the pause was lost"
         );
     }
-    assert_eq!(
-        routes.json()["routes"][0]["depth"]["total"],
-        saved,
-        "{}",
-        routes.json()
-    );
+    // The accept log beside the store may hold the last accepts the damaged file lost; they
+    // are applied at this start, so there may be more than repair saved, never fewer.
+    let depth = routes.json()["routes"][0]["depth"]["total"]
+        .as_u64()
+        .unwrap_or_default() as usize;
+    assert!(depth >= saved, "{}", routes.json());
+    let saved = depth;
     assert_eq!(admin_post(sw, "/routes/hooks/resume").await, 200);
     eventually("every saved job delivered", || async {
         let keys: HashSet<String> = up.seen().iter().map(|s| s.key()).collect();
