@@ -453,22 +453,9 @@ pub(super) fn enqueue(
         return Ok(EnqueueStep::QueueFull);
     }
     let job = Job::from_new(job);
-    if !generated {
-        let rec = IdemRecordV1 {
-            id: job.id.as_u128(),
-            fingerprint: job.fingerprint,
-            window_ms: dedupe_window_ms,
-            expires_at_ms: u64::MAX,
-        };
-        t.idem.insert(
-            (job.route.as_str(), job.idempotency_key.as_str()),
-            encode_idem(&rec).as_slice(),
-        )?;
-    }
     let record = encode_job_with(&job, t.sealer.as_deref())
         .map_err(|e| TxError::Sealed(format!("job {}: {e}", job.id)))?;
-    let window_ms = if generated { dedupe_window_ms } else { 0 };
-    put_record(t, None, Some((&job, &record)), window_ms)?;
+    store_new(t, &job, &record, dedupe_window_ms)?;
     if let Some(log) = &mut t.log {
         push_entry(&mut log.payload, dedupe_window_ms, &record);
         log.ids.push(job.id);
@@ -488,6 +475,13 @@ pub(super) fn replay_logged(
     if t.jobs.get(job.id.as_u128())?.is_some() {
         return Ok(false);
     }
+    store_new(t, &job, record, dedupe_window_ms)?;
+    Ok(true)
+}
+
+/// A new job and its key: a client's key gets its own row with the window; a generated one
+/// (the job's id) keeps the window in the job's [`BY_ROUTE`] entry.
+fn store_new(t: &mut Tables<'_>, job: &Job, record: &[u8], dedupe_window_ms: u64) -> TxResult<()> {
     let generated = job.id.is_text(&job.idempotency_key);
     if !generated {
         let rec = IdemRecordV1 {
@@ -502,8 +496,7 @@ pub(super) fn replay_logged(
         )?;
     }
     let window_ms = if generated { dedupe_window_ms } else { 0 };
-    put_record(t, None, Some((&job, record)), window_ms)?;
-    Ok(true)
+    put_record(t, None, Some((job, record)), window_ms)
 }
 
 /// The job holding `key` on `route` at `now`, and its fingerprint: while it is pending or
