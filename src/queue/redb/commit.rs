@@ -59,11 +59,16 @@ pub(super) struct Shared {
     pub logged: AtomicU64,
 }
 
+/// A file beside the database: `<file><suffix>`.
+pub(super) fn beside(db: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(suffix);
+    db.with_file_name(name)
+}
+
 /// The reserve file beside the database: `<file>.reserve`.
 pub(super) fn reserve_path(db: &Path) -> std::path::PathBuf {
-    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".reserve");
-    db.with_file_name(name)
+    beside(db, ".reserve")
 }
 
 /// Writes the reserve file (zeros, synced) if it is not there at full size. It first writes
@@ -298,7 +303,7 @@ pub(super) fn run(
     if let (Some(l), Some(db)) = (log.as_mut(), shared.db.read().clone()) {
         if l.log.used() > 0 && shared.healthy.load(Ordering::Acquire) {
             match apply_and_commit(&shared, &db, &mut [], None) {
-                Ok(_) => l.durable(true),
+                Ok(_) => l.durable(false),
                 Err(e) => tracing::warn!(error = %e, "job store: final commit failed"),
             }
         }
@@ -345,16 +350,16 @@ impl LogState {
             && batch.iter().all(|r| r.grows())
     }
 
-    /// A durable commit returned: every logged batch is in the database. A log that failed is
-    /// made ready again, at most once per [`REOPEN_EVERY`] and not while `full`.
-    fn durable(&mut self, full: bool) {
+    /// A durable commit returned: every logged batch is in the database. With `retry`, a log
+    /// that failed is made ready again, at most once per [`REOPEN_EVERY`].
+    fn durable(&mut self, retry: bool) {
         self.last_durable = Instant::now();
         self.dirty.store(false, Ordering::Release);
         if self.log.is_ready() {
             self.log.restart();
             return;
         }
-        if full
+        if !retry
             || self
                 .last_ready_try
                 .is_some_and(|t| t.elapsed() < REOPEN_EVERY)
@@ -426,9 +431,12 @@ pub(super) fn recover_log(
     })()
     .map_err(storage)?;
     l.failed_seq = None;
-    l.durable(true);
+    l.durable(false);
     if let Err(e) = l.log.make_ready() {
         tracing::warn!(path = %path, error = %e, "accept log unusable; accepts commit to the database");
+    }
+    if stored > 0 {
+        tracing::info!(path = %path, jobs = stored, "accepted jobs restored from the accept log");
     }
     Ok(stored)
 }
@@ -480,16 +488,12 @@ fn current_db(
         Ok(db) => {
             // What the log holds beyond the database's last durable commit, before any use.
             if let Some(l) = log {
-                match recover_log(&db, l, shared.sealer.clone()) {
-                    Ok(n) if n > 0 => {
-                        tracing::info!(path = %shared.path.display(), jobs = n, "accepted jobs restored from the accept log")
-                    }
-                    Ok(_) => {}
-                    Err(RecoverError::Unavailable(m) | RecoverError::Corrupt(m)) => {
-                        let log = l.log.path().display().to_string();
-                        tracing::warn!(path = %log, error = %m, "accept log recovery failed");
-                        return Err(format!("accept log {log}: recovery failed: {m}"));
-                    }
+                if let Err(RecoverError::Unavailable(m) | RecoverError::Corrupt(m)) =
+                    recover_log(&db, l, shared.sealer.clone())
+                {
+                    let log = l.log.path().display().to_string();
+                    tracing::warn!(path = %log, error = %m, "accept log recovery failed");
+                    return Err(format!("accept log {log}: recovery failed: {m}"));
                 }
             }
             let db = Arc::new(db);
@@ -553,7 +557,7 @@ fn run_batch(
             shared.commits.fetch_add(1, Ordering::AcqRel);
             shared.healthy.store(true, Ordering::Release);
             if let Some(l) = log {
-                l.durable(shared.full.load(Ordering::Acquire));
+                l.durable(!shared.full.load(Ordering::Acquire));
             }
             BatchEnd::Committed
         }
@@ -628,7 +632,7 @@ fn retract(shared: &Shared, db: &Database, ids: &[super::JobId], l: &mut LogStat
     match res {
         Ok(()) => {
             l.failed_seq = None;
-            l.durable(shared.full.load(Ordering::Acquire));
+            l.durable(!shared.full.load(Ordering::Acquire));
         }
         Err(e) => {
             tracing::error!(path = %shared.path.display(), error = ?e, "taking a refused batch back failed; reopening the store");

@@ -633,10 +633,7 @@ fn open_accept_log(
         .map_err(|e| StoreError::Unavailable(format!("{}: {e}", log_path.display())))?;
     let mut state = LogState::new(log);
     match commit::recover_log(db, &mut state, sealer) {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::info!(path = %log_path.display(), jobs = n, "accepted jobs restored from the accept log")
-        }
+        Ok(_) => {}
         Err(RecoverError::Unavailable(m)) => return Err(StoreError::Unavailable(m)),
         Err(RecoverError::Corrupt(m)) => {
             return Err(StoreError::Corrupt {

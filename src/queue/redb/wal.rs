@@ -62,9 +62,7 @@ const ENTRY_HEAD: usize = 8 + 4;
 
 /// The log file beside the database: `<file>.accept-log`.
 pub fn log_path(db: &Path) -> PathBuf {
-    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".accept-log");
-    db.with_file_name(name)
+    super::commit::beside(db, ".accept-log")
 }
 
 /// One job of a logged batch: its dedupe window and its record as the jobs table holds it.
