@@ -9,12 +9,16 @@
 //! (Measured: +16-19% durable accepts/s while the queue grows; see benches/README.md.) Where
 //! the file system has no direct I/O (tmpfs), nothing is filled: syncs cost little there.
 //!
-//! Only holes are filled. The file is tracked in chunks, each with how far from its start it
-//! holds data or zeros written here. A write first fills its own chunks up to its end when the
-//! filler has not got there, so every write lands below the mark, and a fill, which only ever
-//! starts at the mark, never overwrites a page redb wrote. What the file held at open counts as
-//! filled. Filling is best effort: a failed fill (a full disk) leaves the hole, and the
-//! database's own write reports what matters.
+//! Only holes are filled, lowest first: redb writes pages into every part of a grown file, not
+//! only at its end, and a hole a commit meets is filled on the commit path (zeros its sync must
+//! then write out). The file is tracked in chunks, each with how far from its start it holds
+//! data or zeros written here. A write first fills its own chunks up to its end when the filler
+//! has not got there, so every write lands below the mark, and a fill, which only ever starts at
+//! the mark, never overwrites a page redb wrote. The filler's direct write runs without the lock
+//! (so commits elsewhere in the file go on); a write or resize that touches the chunk being
+//! filled waits for it. What the file held at open counts as filled. Filling is best effort: a
+//! failed fill (a full disk) leaves the hole, and the database's own write reports what
+//! matters.
 
 use std::fs::File;
 use std::ops::Bound;
@@ -55,7 +59,10 @@ struct Shared {
     /// The same file opened for direct I/O; `None` turns filling off.
     direct: Option<File>,
     state: Mutex<State>,
+    /// Wakes the filler: the frontier moved, the length changed, or it is closing.
     wake: Condvar,
+    /// Wakes writers waiting for the filler's write in flight to end.
+    landed: Condvar,
 }
 
 #[derive(Debug)]
@@ -65,6 +72,8 @@ struct State {
     len: u64,
     /// The chunk of the highest byte written since open.
     frontier: u64,
+    /// The chunk the filler is writing into without the lock, if any.
+    filling: Option<u64>,
     closed: bool,
 }
 
@@ -75,6 +84,7 @@ impl State {
             filled: (0..chunks).map(|i| (len - i * CHUNK).min(CHUNK)).collect(),
             len,
             frontier: chunks.saturating_sub(1),
+            filling: None,
             closed: false,
         }
     }
@@ -101,9 +111,15 @@ impl State {
             .all(|c| c * CHUNK + self.done(c) >= end.min((c + 1) * CHUNK))
     }
 
-    /// The first chunk from the frontier to [`AHEAD`] past it with a hole below the length.
+    /// The lowest chunk up to [`AHEAD`] past the frontier with a hole below the length.
     fn next_to_fill(&self) -> Option<u64> {
-        (self.frontier..=self.frontier + AHEAD).find(|&c| self.done(c) < self.room(c))
+        (0..=self.frontier + AHEAD).find(|&c| self.done(c) < self.room(c))
+    }
+
+    /// Whether the filler's write in flight lies in one of the chunks of `offset..end`.
+    fn filling_in(&self, offset: u64, end: u64) -> bool {
+        self.filling
+            .is_some_and(|c| (offset / CHUNK..end.div_ceil(CHUNK)).contains(&c))
     }
 
     /// Zeros, through the page cache, from chunk `c`'s mark up to `upto` bytes into it.
@@ -117,20 +133,6 @@ impl State {
             self.set_done(c, done);
         }
         Ok(())
-    }
-
-    /// One piece of zeros into chunk `c`'s hole, by direct I/O where it is block aligned.
-    fn fill_piece(&mut self, shared: &Shared, c: u64) -> Result<(), BackendIoError> {
-        let done = self.done(c);
-        let n = (self.room(c) - done).min(PIECE as u64);
-        match &shared.direct {
-            Some(d) if done.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK) => {
-                d.write_all_at(&ZEROS.0[..n as usize], c * CHUNK + done)?;
-                self.set_done(c, done + n);
-                Ok(())
-            }
-            _ => self.fill_to(&shared.inner, c, done + n),
-        }
     }
 }
 
@@ -161,6 +163,7 @@ impl PreallocFile {
             direct,
             state: Mutex::new(State::new(len)),
             wake: Condvar::new(),
+            landed: Condvar::new(),
         });
         let filler = if on {
             let s = shared.clone();
@@ -193,13 +196,29 @@ impl PreallocFile {
 
 impl Shared {
     fn run(&self) {
+        let Some(direct) = &self.direct else { return };
         let mut st = self.state.lock();
         while !st.closed {
             let Some(c) = st.next_to_fill() else {
                 self.wake.wait(&mut st);
                 continue;
             };
-            if st.fill_piece(self, c).is_err() {
+            let done = st.done(c);
+            let n = (st.room(c) - done).min(PIECE as u64);
+            let written = if done.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK) {
+                // Claimed: writes and resizes touching chunk `c` wait until it lands.
+                st.filling = Some(c);
+                let r = parking_lot::MutexGuard::unlocked(&mut st, || {
+                    direct.write_all_at(&ZEROS.0[..n as usize], c * CHUNK + done)
+                });
+                st.filling = None;
+                self.landed.notify_all();
+                r.map(|()| st.set_done(c, done + n))
+            } else {
+                // An unaligned tail (a length redb set off a block boundary).
+                st.fill_to(&self.inner, c, done + n)
+            };
+            if written.is_err() {
                 // Most likely a full disk: leave the hole; look again after the next write.
                 self.wake.wait(&mut st);
                 continue;
@@ -224,6 +243,10 @@ impl StorageBackend for PreallocFile {
             return self.shared.inner.set_len(len);
         }
         let mut st = self.shared.state.lock();
+        // A fill in flight past a shrunk length would grow the file back.
+        while st.filling.is_some() {
+            self.shared.landed.wait(&mut st);
+        }
         // What lies beyond a shrunk length is gone: a hole again if the file grows back.
         for (c, done) in st.filled.iter_mut().enumerate() {
             *done = (*done).min(len.saturating_sub(c as u64 * CHUNK));
@@ -243,6 +266,10 @@ impl StorageBackend for PreallocFile {
         if self.filling() {
             let end = offset + data.len() as u64;
             let mut st = self.shared.state.lock();
+            // Below the marks the filler never writes; above them it may be writing now.
+            while !st.covers(offset, end) && st.filling_in(offset, end) {
+                self.shared.landed.wait(&mut st);
+            }
             if !st.covers(offset, end) {
                 for c in offset / CHUNK..end.div_ceil(CHUNK) {
                     // Best effort: the write below reports what matters.
@@ -358,11 +385,10 @@ mod tests {
                 "{at}"
             );
         }
-        // The filler went ahead of the far write (chunk 5); chunk 4, skipped, is still a hole.
+        // The filler went ahead of the far write (chunk 5) and filled chunk 4, skipped, below it.
         {
             let st = b.shared.state.lock();
-            assert_eq!((st.done(6), st.done(7)), (CHUNK, CHUNK));
-            assert_eq!(st.done(4), 0);
+            assert!((0..8).all(|c| st.done(c) == CHUNK));
         }
         assert_eq!(read(&b, 4 * CHUNK, 16), vec![0; 16]);
         assert_eq!(b.len().unwrap(), 8 * CHUNK);
@@ -381,6 +407,39 @@ mod tests {
         }
         assert!(read(&b, 9 * CHUNK, BLOCK as usize).iter().all(|&x| x == 6));
         assert_eq!(b.len().unwrap(), 10 * CHUNK);
+    }
+
+    #[test]
+    fn writes_racing_the_filler_keep_their_data() {
+        // Writes all over a grown file while the filler works through its holes without the
+        // lock: no zero it writes may land on a page already written.
+        let (_dir, _, b) = fresh(16 * CHUNK);
+        let b = Arc::new(b);
+        let writers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let mut at = Vec::new();
+                    for i in 0..400u64 {
+                        // Spread over all chunks, both threads, never the same block twice.
+                        let block = (i * 7919 + t * 3) % (16 * CHUNK / BLOCK) / 2 * 2 + t;
+                        let v = (block % 251) as u8 + 1;
+                        b.write(block * BLOCK, &[v; BLOCK as usize]).unwrap();
+                        at.push((block * BLOCK, v));
+                    }
+                    at
+                })
+            })
+            .collect();
+        let written: Vec<(u64, u8)> = writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        settled(&b);
+        for (at, v) in written {
+            assert!(read(&b, at, BLOCK as usize).iter().all(|&x| x == v), "{at}");
+        }
+        assert_eq!(b.len().unwrap(), 16 * CHUNK);
     }
 
     #[test]
