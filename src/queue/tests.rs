@@ -1246,15 +1246,13 @@ fn flaky_opener(
     let flag = fail;
     let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stall2 = stall.clone();
-    let opener: redb::Opener = Arc::new(move |path, cache| {
+    let opener: redb::Opener = Arc::new(move |path, builder| {
         let file = redb::open_file(path)?;
-        ::redb::Builder::new()
-            .set_cache_size(cache)
-            .create_with_backend(FlakyBackend {
-                inner: ::redb::backends::FileBackend::new(file)?,
-                fail: flag.clone(),
-                stall: stall.clone(),
-            })
+        builder.create_with_backend(FlakyBackend {
+            inner: ::redb::backends::FileBackend::new(file)?,
+            fail: flag.clone(),
+            stall: stall.clone(),
+        })
     });
     (opener, stall2)
 }

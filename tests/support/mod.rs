@@ -232,15 +232,60 @@ impl Drop for Spillway {
 /// Runs `spillway run -c cfg` to its exit (for configs or files that must stop it);
 /// returns the exit code and stderr.
 pub fn run_to_exit(cfg: &std::path::Path) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
-        .args(["run", "-c"])
-        .arg(cfg)
-        .output()
-        .unwrap();
+    let out = exits(
+        Command::new(env!("CARGO_BIN_EXE_spillway"))
+            .args(["run", "-c"])
+            .arg(cfg),
+    );
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs `cmd` to its exit and returns its output; one still running after [`patience`] is
+/// killed and fails the test with what it printed (a command that should exit, say `spillway
+/// run` on a file it must refuse, would otherwise hang the whole suite).
+pub fn exits(cmd: &mut Command) -> std::process::Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drained on their own threads so a chatty child never blocks on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = tokio::time::Instant::now() + patience();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {:?}; stderr:\n{}",
+                patience(),
+                String::from_utf8_lossy(&err.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 /// Opens a CONNECT tunnel through `proxy` to 127.0.0.1:`port` and checks the 200.

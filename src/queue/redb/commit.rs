@@ -99,16 +99,16 @@ pub(super) fn ensure_reserve(db: &Path, probe: u64) -> std::io::Result<()> {
     })
 }
 
-/// How the read-write database is opened (at start and on every reopen).
-pub type Opener = Arc<dyn Fn(&Path, usize) -> Result<Database, DatabaseError> + Send + Sync>;
+/// How the read-write database is opened (at start and on every reopen): the caller's builder
+/// says how (cache size, integrity check), the opener supplies the storage under it.
+pub type Opener =
+    Arc<dyn Fn(&Path, &redb::Builder) -> Result<Database, DatabaseError> + Send + Sync>;
 
 /// The plain file opener.
 pub fn file_opener() -> Opener {
-    Arc::new(|path, cache_size| {
+    Arc::new(|path, builder| {
         let file = super::prealloc::open_file(path)?;
-        redb::Builder::new()
-            .set_cache_size(cache_size)
-            .create_with_backend(super::prealloc::PreallocFile::new(file, path)?)
+        builder.create_with_backend(super::prealloc::PreallocFile::new(file, path)?)
     })
 }
 
@@ -240,9 +240,13 @@ where
     }
 }
 
-/// Opens the database file at `shared.path` (no checks; those ran at first open).
+/// Opens the database file at `shared.path` again (no integrity check: the first open ran it,
+/// and redb still repairs what an unclean close left).
 pub(super) fn open_database(shared: &Shared) -> Result<Database, DatabaseError> {
-    (shared.opener)(&shared.path, shared.cache_size)
+    (shared.opener)(
+        &shared.path,
+        redb::Builder::new().set_cache_size(shared.cache_size),
+    )
 }
 
 /// `SPILLWAY_MAX_BATCH` lowers the batch bound (1 = one commit per request); it exists so

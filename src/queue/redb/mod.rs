@@ -179,8 +179,9 @@ impl RedbStore {
     /// A file that is not a redb database, or one written by a newer schema, is refused and left
     /// byte-identical. Jobs left in_flight by a crash become queued again, due now.
     ///
-    /// redb may panic on a file corrupted outside it (its plain open trusts the file); that
-    /// becomes [`StoreError::Corrupt`] naming the file, like any other damage.
+    /// An existing file is opened with redb's integrity check, so bytes changed outside redb
+    /// are refused as [`StoreError::Corrupt`] naming the file before anything is written. Where
+    /// redb panics on such a file instead, that becomes the same error.
     pub fn open(path: impl AsRef<Path>, cache_size_bytes: usize) -> Result<Self, StoreError> {
         Self::open_sealed(path, cache_size_bytes, None)
     }
@@ -263,7 +264,17 @@ impl RedbStore {
         } else {
             create_private_file(&path).map_err(unavailable)?;
         }
-        let db = opener(&path, cache_size_bytes).map_err(|e| open_error(&path, e))?;
+        // A plain open trusts the file: bytes changed outside redb are found (or panic) only
+        // when a page is read, maybe after this open has committed. So the first open verifies
+        // the checksum of every page of the committed trees before anything is written; it
+        // reads the whole store once, as redb's own repair after a crash does.
+        let db = opener(
+            &path,
+            redb::Builder::new()
+                .set_cache_size(cache_size_bytes)
+                .set_check_integrity_on_open(existing),
+        )
+        .map_err(|e| open_error(&path, e))?;
         let found = db
             .begin_read()
             .map_err(|e| tx_open_error(&path, e.into()))

@@ -73,7 +73,7 @@ struct State {
     /// The chunk of the highest byte written since open.
     frontier: u64,
     /// The chunk the filler is writing into without the lock, if any.
-    filling: Option<u64>,
+    in_flight: Option<u64>,
     closed: bool,
 }
 
@@ -84,7 +84,7 @@ impl State {
             filled: (0..chunks).map(|i| (len - i * CHUNK).min(CHUNK)).collect(),
             len,
             frontier: chunks.saturating_sub(1),
-            filling: None,
+            in_flight: None,
             closed: false,
         }
     }
@@ -117,8 +117,8 @@ impl State {
     }
 
     /// Whether the filler's write in flight lies in one of the chunks of `offset..end`.
-    fn filling_in(&self, offset: u64, end: u64) -> bool {
-        self.filling
+    fn in_flight_in(&self, offset: u64, end: u64) -> bool {
+        self.in_flight
             .is_some_and(|c| (offset / CHUNK..end.div_ceil(CHUNK)).contains(&c))
     }
 
@@ -207,11 +207,11 @@ impl Shared {
             let n = (st.room(c) - done).min(PIECE as u64);
             let written = if done.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK) {
                 // Claimed: writes and resizes touching chunk `c` wait until it lands.
-                st.filling = Some(c);
+                st.in_flight = Some(c);
                 let r = parking_lot::MutexGuard::unlocked(&mut st, || {
                     direct.write_all_at(&ZEROS.0[..n as usize], c * CHUNK + done)
                 });
-                st.filling = None;
+                st.in_flight = None;
                 self.landed.notify_all();
                 r.map(|()| st.set_done(c, done + n))
             } else {
@@ -244,7 +244,7 @@ impl StorageBackend for PreallocFile {
         }
         let mut st = self.shared.state.lock();
         // A fill in flight past a shrunk length would grow the file back.
-        while st.filling.is_some() {
+        while st.in_flight.is_some() {
             self.shared.landed.wait(&mut st);
         }
         // What lies beyond a shrunk length is gone: a hole again if the file grows back.
@@ -267,7 +267,7 @@ impl StorageBackend for PreallocFile {
             let end = offset + data.len() as u64;
             let mut st = self.shared.state.lock();
             // Below the marks the filler never writes; above them it may be writing now.
-            while !st.covers(offset, end) && st.filling_in(offset, end) {
+            while !st.covers(offset, end) && st.in_flight_in(offset, end) {
                 self.shared.landed.wait(&mut st);
             }
             if !st.covers(offset, end) {
