@@ -65,7 +65,9 @@ pub fn mk_passthrough(
         metrics: metrics.clone(),
         route: Arc::from(route.name.as_str()),
     };
-    let breaker = route.circuit_breaker.map(BreakerLayer::new);
+    let breaker = route
+        .circuit_breaker
+        .map(|c| BreakerLayer::new(observe.route.clone(), c));
     circuits.register(&route.name, breaker.as_ref().map(BreakerLayer::handle));
     let rate_limit = route
         .rate_limit
@@ -455,13 +457,16 @@ enum BreakerState {
 
 #[derive(Clone)]
 pub struct BreakerLayer {
+    /// For its log line: the request's span is not in the log at info.
+    route: Arc<str>,
     config: BreakerConfig,
     state: Arc<Mutex<BreakerState>>,
 }
 
 impl BreakerLayer {
-    pub fn new(config: BreakerConfig) -> Self {
+    pub fn new(route: Arc<str>, config: BreakerConfig) -> Self {
         BreakerLayer {
+            route,
             config,
             state: Arc::new(Mutex::new(BreakerState::Closed { failures: 0 })),
         }
@@ -619,7 +624,7 @@ where
                     }
                 }
                 (_, true) => {
-                    tracing::warn!(open_for = ?layer.config.open_for, "circuit breaker opened");
+                    tracing::warn!(route = %layer.route, open_for = ?layer.config.open_for, "circuit breaker opened");
                     BreakerState::Open {
                         until: Instant::now() + layer.config.open_for,
                     }
@@ -723,10 +728,13 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn breaker(fails: u32) -> BreakerLayer {
-        BreakerLayer::new(BreakerConfig {
-            consecutive_failures: fails.try_into().unwrap(),
-            open_for: Duration::from_secs(30),
-        })
+        BreakerLayer::new(
+            Arc::from("test"),
+            BreakerConfig {
+                consecutive_failures: fails.try_into().unwrap(),
+                open_for: Duration::from_secs(30),
+            },
+        )
     }
 
     fn svc(
