@@ -247,44 +247,30 @@ pub fn run_to_exit(cfg: &std::path::Path) -> (Option<i32>, String) {
 /// killed and fails the test with what it printed (a command that should exit, say `spillway
 /// run` on a file it must refuse, would otherwise hang the whole suite).
 pub fn exits(cmd: &mut Command) -> std::process::Output {
-    use std::io::Read;
+    use std::os::unix::process::CommandExt;
     use std::process::Stdio;
-    let mut child = cmd
+    // Its own process group, so the kill also reaches whatever it started (and the pipes close).
+    let child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Drained on their own threads so a chatty child never blocks on a full pipe.
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf);
-            buf
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = tokio::time::Instant::now() + patience();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(patience()) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            let out = rx.recv().unwrap().unwrap();
             panic!(
                 "{cmd:?} still running after {:?}; stderr:\n{}",
                 patience(),
-                String::from_utf8_lossy(&err.join().unwrap())
+                String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::process::Output {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
     }
 }
 
