@@ -28,15 +28,24 @@ impl Out {
     }
 }
 
-/// Runs `spillway ARGS` with a clean admin environment plus `env`.
+/// Runs `spillway ARGS` with a clean admin environment plus `env`; a command still running
+/// after `support::patience()` is killed and fails the test, so a hang cannot stall CI.
 async fn spillway(args: &[&str], env: &[(&str, &str)]) -> Out {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
         .args(args)
         .env_remove("SPILLWAY_ADMIN")
         .env_remove("SPILLWAY_ADMIN_TOKEN")
         .envs(env.iter().copied())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(support::patience(), run)
         .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "spillway {args:?} still running after {:?}",
+                support::patience()
+            )
+        })
         .unwrap();
     Out {
         code: out.status.code().unwrap_or(-1),

@@ -1,5 +1,7 @@
 //! Runs the real `spillway check` binary on the shipped configs.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -7,12 +9,13 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// `spillway check`, under the deadline of `support::exits` (a hang fails the test).
 fn check(rel: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_spillway"))
-        .current_dir(root())
-        .args(["check", "-c", rel])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run spillway: {e}"))
+    support::exits(
+        Command::new(env!("CARGO_BIN_EXE_spillway"))
+            .current_dir(root())
+            .args(["check", "-c", rel]),
+    )
 }
 
 fn assert_ok(rel: &str) {
