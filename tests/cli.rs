@@ -28,25 +28,18 @@ impl Out {
     }
 }
 
-/// Runs `spillway ARGS` with a clean admin environment plus `env`; a command still running
-/// after `support::patience()` is killed and fails the test, so a hang cannot stall CI.
+/// Runs `spillway ARGS` with a clean admin environment plus `env`, under the deadline of
+/// `support::exits` (on a blocking thread: the flaky upstream shares this runtime).
 async fn spillway(args: &[&str], env: &[(&str, &str)]) -> Out {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
-        .args(args)
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_spillway"));
+    cmd.args(args)
         .env_remove("SPILLWAY_ADMIN")
         .env_remove("SPILLWAY_ADMIN_TOKEN")
-        .envs(env.iter().copied())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(support::patience(), run)
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "spillway {args:?} still running after {:?}",
-                support::patience()
-            )
-        })
-        .unwrap();
+        .envs(env.iter().copied());
+    let out = match tokio::task::spawn_blocking(move || support::exits(&mut cmd)).await {
+        Ok(out) => out,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
     Out {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -5,10 +5,10 @@
 //!
 //! Traces: spans (`proxy.request`, `proxy.accept`, `proxy.attempt`, `dispatch.attempt`)
 //! annotate log lines only when the filter asks for debug (at info they would cost every
-//! request their formatting for the rare line inside one; events there name their route); they are
-//! exported over OTLP/HTTP (protobuf) only when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set and neither
-//! `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none` is. Without them no exporter
+//! request their formatting for the rare line inside one; events there name their route).
+//! They are exported over OTLP/HTTP (protobuf) only when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set and neither `OTEL_SDK_DISABLED=true` nor
+//! `OTEL_TRACES_EXPORTER=none` is. Without them no exporter
 //! exists and no trace context is written on outgoing requests. W3C trace context moves
 //! through [`continue_from`], [`continue_from_traceparent`], [`inject`] and [`traceparent`].
 //!
