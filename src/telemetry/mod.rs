@@ -66,10 +66,13 @@ pub fn init() -> Telemetry {
         .max_level_hint()
         .is_some_and(|l| l >= LevelFilter::DEBUG);
     let spans = filter_fn(move |m| detail || !m.is_span());
-    let _ = tracing_subscriber::registry()
-        .with(fmt.with_filter(filter.and(spans)))
-        .with(export)
-        .try_init();
+    let log = tracing_subscriber::registry().with(fmt.with_filter(filter.and(spans)));
+    // Not `.with(export)` of the `Option`: an absent layer counts as one that wants every
+    // span, so the registry would still create (and close) a span per request for nobody.
+    let _ = match export {
+        Some(export) => log.with(export).try_init(),
+        None => log.try_init(),
+    };
     if let Some(problem) = problem {
         tracing::warn!(%problem, "spans are not exported");
     } else if telemetry.exporting() {
