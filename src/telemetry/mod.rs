@@ -8,9 +8,10 @@
 //! request their formatting for the rare line inside one; events there name their route).
 //! They are exported over OTLP/HTTP (protobuf) only when `OTEL_EXPORTER_OTLP_ENDPOINT` or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set and neither `OTEL_SDK_DISABLED=true` nor
-//! `OTEL_TRACES_EXPORTER=none` is. Without them no exporter
-//! exists and no trace context is written on outgoing requests. W3C trace context moves
-//! through [`continue_from`], [`continue_from_traceparent`], [`inject`] and [`traceparent`].
+//! `OTEL_TRACES_EXPORTER=none` is. Without them no exporter exists, no trace context is
+//! written on outgoing requests, and below debug no span is created at all. W3C trace
+//! context moves through [`continue_from`], [`continue_from_traceparent`], [`inject`] and
+//! [`traceparent`].
 //!
 //! Integer span fields are recorded as `i64`: tracing-opentelemetry exports other integer
 //! types as strings.
