@@ -25,7 +25,8 @@ use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing::Span;
+use opentelemetry_sdk::trace::Tracer;
+use tracing::{Span, Subscriber};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{filter_fn, FilterExt, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
@@ -43,6 +44,24 @@ pub fn init() -> Telemetry {
         .unwrap_or_else(|_| "info".into());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("SPILLWAY_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let (telemetry, problem) = otlp::from_env();
+    let _ = subscriber(filter, json, telemetry.tracer()).try_init();
+    if let Some(problem) = problem {
+        tracing::warn!(%problem, "spans are not exported");
+    } else if telemetry.exporting() {
+        EXPORTING.store(true, Ordering::Relaxed);
+        tracing::info!("exporting spans over OTLP/HTTP");
+    }
+    telemetry
+}
+
+/// The subscriber [`init`] installs: the log (text or JSON on stderr, filtered by `filter`)
+/// and, with a tracer, the span export layer.
+fn subscriber(
+    filter: EnvFilter,
+    json: bool,
+    tracer: Option<Tracer>,
+) -> Box<dyn Subscriber + Send + Sync> {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour only for a person at a terminal, never in files or collectors.
@@ -52,14 +71,6 @@ pub fn init() -> Telemetry {
     } else {
         fmt.boxed()
     };
-
-    let (telemetry, problem) = otlp::from_env();
-    // Only spillway's own spans are exported: never the HTTP client's or the exporter's.
-    let export = telemetry.tracer().map(|tracer| {
-        tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_filter(Targets::new().with_target("spillway", LevelFilter::INFO))
-    });
     // Spans reach the log only when it asks for debug detail: at info the request spans'
     // fields were formatted for every request (a few µs of an accept) to annotate the rare
     // line inside one. Without an exporter they are then not created at all.
@@ -68,19 +79,19 @@ pub fn init() -> Telemetry {
         .is_some_and(|l| l >= LevelFilter::DEBUG);
     let spans = filter_fn(move |m| detail || !m.is_span());
     let log = tracing_subscriber::registry().with(fmt.with_filter(filter.and(spans)));
-    // Not `.with(export)` of the `Option`: an absent layer counts as one that wants every
+    // Not `.with(export)` of an `Option`: an absent layer counts as one that wants every
     // span, so the registry would still create (and close) a span per request for nobody.
-    let _ = match export {
-        Some(export) => log.with(export).try_init(),
-        None => log.try_init(),
-    };
-    if let Some(problem) = problem {
-        tracing::warn!(%problem, "spans are not exported");
-    } else if telemetry.exporting() {
-        EXPORTING.store(true, Ordering::Relaxed);
-        tracing::info!("exporting spans over OTLP/HTTP");
+    match tracer {
+        // Only spillway's own spans are exported: never the HTTP client's or the exporter's.
+        Some(tracer) => Box::new(
+            log.with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(Targets::new().with_target("spillway", LevelFilter::INFO)),
+            ),
+        ),
+        None => Box::new(log),
     }
-    telemetry
 }
 
 /// Set once by [`init`] when spans are exported. Without an exporter no span has an
@@ -140,6 +151,37 @@ pub fn traceparent(span: &Span) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request_span() -> Span {
+        tracing::info_span!("proxy.accept", route = "r")
+    }
+
+    // One test, cases in sequence: tracing caches each callsite's interest across every
+    // live dispatcher, so subscribers of tests running side by side would see each other's.
+    #[test]
+    fn a_request_span_exists_only_for_a_debug_log_or_an_exporter() {
+        let info = subscriber(EnvFilter::new("info"), false, None);
+        tracing::subscriber::with_default(info, || {
+            assert!(request_span().is_disabled(), "a span was created at info");
+            // Events still reach the log.
+            assert!(tracing::enabled!(tracing::Level::INFO));
+        });
+        let json = subscriber(EnvFilter::new("warn"), true, None);
+        tracing::subscriber::with_default(json, || {
+            assert!(request_span().is_disabled(), "a span was created at warn");
+        });
+        let debug = subscriber(EnvFilter::new("debug"), false, None);
+        tracing::subscriber::with_default(debug, || {
+            assert!(!request_span().is_disabled(), "no span for the debug log");
+        });
+        // A provider without an exporter: the layer still wants spillway's spans.
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
+        let export = subscriber(EnvFilter::new("info"), false, Some(tracer));
+        tracing::subscriber::with_default(export, || {
+            assert!(!request_span().is_disabled(), "no span for the exporter");
+        });
+    }
 
     #[test]
     fn without_an_exporter_nothing_is_injected() {
