@@ -326,6 +326,14 @@ if start_spillway "{ path: $work/sw/queue.redb }" SPILLWAY_MAX_BATCH=1; then
 else
   skip accept spillway-one-commit-each "$SW_ERR"
 fi
+# One durable redb commit per request: the baseline before the accept log existed (with the
+# log, one commit per request is one log append and fdatasync, near the disk's fsync rate).
+if start_spillway "{ path: $work/sw/queue.redb }" SPILLWAY_MAX_BATCH=1 SPILLWAY_ACCEPT_LOG=off; then
+  accept_wrk spillway-one-redb-commit-each
+  kill_wait "$SW_PID"
+else
+  skip accept spillway-one-redb-commit-each "$SW_ERR"
+fi
 # The floor under spillway's accept: the same HTTP stack and group commit into redb, without
 # the bookkeeping (dedupe, due and route indexes, counters, metrics). spillway / this is what
 # the bookkeeping costs on this machine.
