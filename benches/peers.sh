@@ -320,20 +320,20 @@ if start_spillway "{ path: $work/sw/queue.redb }"; then
 else
   skip accept spillway "$SW_ERR"
 fi
-if start_spillway "{ path: $work/sw/queue.redb }" SPILLWAY_MAX_BATCH=1; then
-  accept_wrk spillway-one-commit-each
-  kill_wait "$SW_PID"
-else
-  skip accept spillway-one-commit-each "$SW_ERR"
-fi
-# One durable redb commit per request: the baseline before the accept log existed (with the
-# log, one commit per request is one log append and fdatasync, near the disk's fsync rate).
-if start_spillway "{ path: $work/sw/queue.redb }" SPILLWAY_MAX_BATCH=1 SPILLWAY_ACCEPT_LOG=off; then
-  accept_wrk spillway-one-redb-commit-each
-  kill_wait "$SW_PID"
-else
-  skip accept spillway-one-redb-commit-each "$SW_ERR"
-fi
+# accept_only name env...: accepts alone (no drain) of a spillway started with `env`.
+accept_only() {
+  local name=$1; shift
+  if start_spillway "{ path: $work/sw/queue.redb }" "$@"; then
+    accept_wrk "$name"
+    kill_wait "$SW_PID"
+  else
+    skip accept "$name" "$SW_ERR"
+  fi
+}
+# One commit per request. With the accept log that is one log append and fdatasync, near the
+# disk's fsync rate; with it off, one durable redb commit (the baseline before the log).
+accept_only spillway-one-commit-each SPILLWAY_MAX_BATCH=1
+accept_only spillway-one-redb-commit-each SPILLWAY_MAX_BATCH=1 SPILLWAY_ACCEPT_LOG=off
 # The floor under spillway's accept: the same HTTP stack and group commit into redb, without
 # the bookkeeping (dedupe, due and route indexes, counters, metrics). spillway / this is what
 # the bookkeeping costs on this machine.

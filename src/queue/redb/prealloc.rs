@@ -20,17 +20,14 @@
 //! failed fill (a full disk) leaves the hole, and the database's own write reports what
 //! matters.
 //!
-//! The filler keeps off the database's writes, which otherwise wait for its direct writes: a
-//! write into the chunk being filled waits here for the piece in flight, and on ext4 a direct
-//! write that allocates blocks holds the inode's lock for the whole device write, so every page
-//! write waits for it, wherever in the file. After the file grew, the filler ran back to back
-//! through the new space, each page of a commit waited for one of its pieces, and a commit of a
-//! few hundred pages stalled every accept for 40-100 ms (benches/README.md, "Seventh run").
-//! So the filler starts a piece only after [`QUIET`] without a database write (commits write
-//! their pages in bursts, with idle time between), or once it deferred for [`MAX_DEFER`], so
-//! that writes that never pause cannot starve it; and it leaves the holes of the last
-//! [`RECENT`] chunks written to the writes themselves (redb allocates the new space from its
-//! low end, where the filler also starts).
+//! The filler keeps off the database's writes, which otherwise wait for its direct writes: on
+//! ext4 a direct write that allocates blocks holds the inode's lock for the whole device
+//! write, so every page write waits for it, wherever in the file. After the file grew, the
+//! filler ran back to back through the new space, each page of a commit waited for one of its
+//! pieces, and a commit of a few hundred pages stalled every accept for 40-100 ms
+//! (benches/README.md, "Seventh run"). So the filler starts a piece only after [`QUIET`]
+//! without a database write (commits write their pages in bursts, with idle time between), or
+//! once it deferred for [`MAX_DEFER`], so that writes that never pause cannot starve it.
 
 use std::fs::File;
 use std::ops::Bound;
@@ -59,9 +56,6 @@ const BLOCK: u64 = 4096;
 const QUIET: Duration = Duration::from_micros(200);
 /// Longest the filler defers a piece to the database's writes.
 const MAX_DEFER: Duration = Duration::from_millis(10);
-/// How many of the chunks written last the filler leaves alone (a commit writes in a few
-/// places: the new pages at the file's low free end, and the tree's pages elsewhere).
-const RECENT: usize = 4;
 
 #[repr(align(4096))]
 struct Aligned([u8; PIECE]);
@@ -95,10 +89,9 @@ struct State {
     frontier: u64,
     /// The chunk the filler is writing into without the lock, if any.
     in_flight: Option<u64>,
-    /// The distinct chunks the database wrote into last, newest first: not for the filler.
-    recent: [Option<u64>; RECENT],
-    /// When the database last wrote, and since when the filler has deferred to it.
+    /// When the database last wrote.
     last_write: Option<Instant>,
+    /// Since when the filler has deferred its next piece to the database's writes.
     deferring_since: Option<Instant>,
     closed: bool,
 }
@@ -111,7 +104,6 @@ impl State {
             len,
             frontier: chunks.saturating_sub(1),
             in_flight: None,
-            recent: [None; RECENT],
             last_write: None,
             deferring_since: None,
             closed: false,
@@ -140,11 +132,9 @@ impl State {
             .all(|c| c * CHUNK + self.done(c) >= end.min((c + 1) * CHUNK))
     }
 
-    /// The lowest chunk up to [`AHEAD`] past the frontier with a hole below the length, other
-    /// than the chunks written last.
+    /// The lowest chunk up to [`AHEAD`] past the frontier with a hole below the length.
     fn next_to_fill(&self) -> Option<u64> {
-        (0..=self.frontier + AHEAD)
-            .find(|&c| self.done(c) < self.room(c) && !self.recent.contains(&Some(c)))
+        (0..=self.frontier + AHEAD).find(|&c| self.done(c) < self.room(c))
     }
 
     /// How long the filler should still keep off the file at `now` (see the module docs).
@@ -162,23 +152,6 @@ impl State {
             return None;
         }
         Some(QUIET - quiet)
-    }
-
-    /// Notes a write into chunk `c`; `true` when the chunk it pushed out of the recent ones
-    /// has a hole, which the filler may now fill.
-    fn touch(&mut self, c: u64) -> bool {
-        match self.recent.iter().position(|&r| r == Some(c)) {
-            Some(i) => {
-                self.recent[..=i].rotate_right(1);
-                false
-            }
-            None => {
-                let out = self.recent[RECENT - 1];
-                self.recent.rotate_right(1);
-                self.recent[0] = Some(c);
-                out.is_some_and(|o| self.done(o) < self.room(o))
-            }
-        }
     }
 
     /// Whether the filler's write in flight lies in one of the chunks of `offset..end`.
@@ -349,16 +322,8 @@ impl StorageBackend for PreallocFile {
             }
             st.last_write = Some(Instant::now());
             let last = end.saturating_sub(1) / CHUNK;
-            // A chunk that leaves the recent ones may be filled again.
-            let mut wake = st.touch(offset / CHUNK);
-            if last != offset / CHUNK {
-                wake |= st.touch(last);
-            }
             if last > st.frontier {
                 st.frontier = last;
-                wake = true;
-            }
-            if wake {
                 self.shared.wake.notify_one();
             }
         }
@@ -463,12 +428,10 @@ mod tests {
                 "{at}"
             );
         }
-        // The filler went ahead of the far write (chunk 5) and filled chunk 4, skipped, below it;
-        // the chunks written last (0 to 3) are left to the writes.
+        // The filler went ahead of the far write (chunk 5) and filled chunk 4, skipped, below it.
         {
             let st = b.shared.state.lock();
-            assert_eq!(st.recent, [Some(3), Some(2), Some(1), Some(0)]);
-            assert!((4..8).all(|c| st.done(c) == CHUNK));
+            assert!((0..8).all(|c| st.done(c) == CHUNK));
         }
         assert_eq!(read(&b, 4 * CHUNK, 16), vec![0; 16]);
         assert_eq!(b.len().unwrap(), 8 * CHUNK);
@@ -487,27 +450,6 @@ mod tests {
         }
         assert!(read(&b, 9 * CHUNK, BLOCK as usize).iter().all(|&x| x == 6));
         assert_eq!(b.len().unwrap(), 10 * CHUNK);
-    }
-
-    #[test]
-    fn the_filler_keeps_out_of_the_chunks_written_last() {
-        let (_dir, _, b) = fresh(8 * CHUNK);
-        b.write(BLOCK, &[1; BLOCK as usize]).unwrap();
-        settled(&b);
-        {
-            // Chunk 0 holds what the write filled below its end, and no more.
-            let st = b.shared.state.lock();
-            assert_eq!(st.done(0), 2 * BLOCK);
-            assert!((1..=AHEAD).all(|c| st.done(c) == CHUNK));
-        }
-        // Writes into as many other chunks push chunk 0 out of the recent ones: filled then.
-        for c in 1..=RECENT as u64 {
-            b.write(c * CHUNK, &[2; BLOCK as usize]).unwrap();
-        }
-        settled(&b);
-        assert_eq!(b.shared.state.lock().done(0), CHUNK);
-        assert!(read(&b, BLOCK, BLOCK as usize).iter().all(|&x| x == 1));
-        assert_eq!(read(&b, 2 * BLOCK, 16), vec![0; 16]);
     }
 
     #[test]
