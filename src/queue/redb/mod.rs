@@ -397,9 +397,13 @@ impl JobStore for RedbStore {
         dedupe_window_ms: u64,
         max_depth: u64,
     ) -> Result<EnqueueOutcome, StoreError> {
+        let job = Job::from_new(job);
+        let record = schema::encode_job_with(&job, self.shared.sealer.as_deref())
+            .map_err(|e| StoreError::Sealed(format!("job {}: {e}", job.id)))?;
+        let head = ops::head_only(job);
         let step = self
             .submit(false, move |tx| {
-                ops::enqueue(tx, job, dedupe_window_ms, max_depth)
+                ops::enqueue(tx, head, record, dedupe_window_ms, max_depth)
             })
             .await?;
         // The commit returned: the ids are durable now.

@@ -15,7 +15,7 @@ use super::schema::{
 };
 use super::wal::push_entry;
 use crate::queue::crypt::Sealer;
-use crate::queue::{Job, JobId, JobState, LastOutcome, NewJob, StoreError, BODY_PREFIX_MAX};
+use crate::queue::{Job, JobId, JobState, LastOutcome, StoreError, BODY_PREFIX_MAX};
 
 /// A failed step: either the caller's answer (`Store`), a record that does not decode, a
 /// sealed record the configured keys cannot open, or storage trouble that fails the whole
@@ -428,9 +428,12 @@ fn must_load(t: &Tables<'_>, id: JobId) -> TxResult<Job> {
 
 // === writes ===
 
+/// `job` is the new job's head (see [`head_only`]) and `record` its encoded (and sealed)
+/// record: both are made on the caller's thread, so the writer only stores.
 pub(super) fn enqueue(
     t: &mut Tables<'_>,
-    job: NewJob,
+    job: Job,
+    record: Vec<u8>,
     dedupe_window_ms: u64,
     max_depth: u64,
 ) -> TxResult<EnqueueStep> {
@@ -452,15 +455,24 @@ pub(super) fn enqueue(
     if depth >= max_depth {
         return Ok(EnqueueStep::QueueFull);
     }
-    let job = Job::from_new(job);
-    let record = encode_job_with(&job, t.sealer.as_deref())
-        .map_err(|e| TxError::Sealed(format!("job {}: {e}", job.id)))?;
     store_new(t, &job, &record, dedupe_window_ms)?;
     if let Some(log) = &mut t.log {
         push_entry(&mut log.payload, dedupe_window_ms, &record);
         log.ids.push(job.id);
     }
     Ok(EnqueueStep::Stored(job.id))
+}
+
+/// What [`enqueue`] needs of a job once its record is encoded: the fields the indexes and
+/// the dedupe check read. The request's method, URI, headers and body are dropped here, on
+/// the caller's thread, rather than one by one on the writer's.
+pub(super) fn head_only(mut job: Job) -> Job {
+    job.method = String::new();
+    job.uri = String::new();
+    job.headers = Vec::new();
+    job.body = bytes::Bytes::new();
+    job.traceparent = None;
+    job
 }
 
 /// Stores again a job of a logged batch (`wal.rs`) as [`enqueue`] stored it: `record` as
