@@ -2,8 +2,8 @@
 //!
 //! Packed relative relocations (`DT_RELR`): a position-independent binary otherwise carries
 //! one 24-byte `.rela.dyn` entry per pointer to relocate (~680 KiB here), which the loader
-//! reads, and so keeps resident, at every start. Packed, they take ~10 KiB, and idle RSS
-//! drops by about as much (benches/README.md, "2026-12-08: where idle RSS is"). Only glibc
+//! reads, and so keeps resident, at every start. Packed, they take ~8 KiB, and idle RSS
+//! drops by about as much (benches/README.md, "Tenth look": where idle RSS is). Only glibc
 //! 2.36 and later can load such a binary; the linker then also records that need
 //! (`GLIBC_ABI_DT_RELR`), so an older glibc refuses it with a clear message instead of
 //! running it unrelocated. Enabled only when building for the build machine's own glibc and
